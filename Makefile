@@ -1,0 +1,34 @@
+# moe_plugin — make targets. `make demo` and `make test` install on first use.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.moe_plugin_installed
+TORCH_VERSION ?= 2.13.0
+FAIRSEQ_DIST ?= fairseq-fixed==0.12.3.1
+# fairseq's runtime dependencies, installed before fairseq itself (which goes in with
+# --no-deps so it never pulls torchaudio, and --no-build-isolation so its build uses
+# the torch already here instead of downloading a CUDA one).
+RUNTIME_DEPS := hydra-core==1.3.2 omegaconf==2.3.0 fairscale==0.4.13 sacrebleu bitarray \
+	regex cython cffi numpy scikit-learn tqdm packaging scipy matplotlib pyyaml
+TEST_DEPS := pytest hypothesis
+DEMO_ARGS ?=
+
+.PHONY: install demo test test-all test-slow bench clean-demo
+
+install: $(STAMP)
+
+$(STAMP): setup.py
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade --quiet pip setuptools wheel
+	@# keep an existing torch >= 2.1 (e.g. a CUDA build); otherwise the pinned CPU one
+	@if $(PY) -c "import torch,sys; v=tuple(int(p) for p in torch.__version__.split('+')[0].split('.')[:2]); sys.exit(0 if v>=(2,1) else 1)" 2>/dev/null; then \
+		echo "keeping torch $$($(PY) -c 'import torch;print(torch.__version__)')"; \
+	else $(PIP) install --quiet torch==$(TORCH_VERSION); fi
+	$(PIP) install --quiet $(RUNTIME_DEPS) $(TEST_DEPS)
+	@if $(PY) -c "import fairseq" 2>/dev/null; then echo "keeping fairseq $$($(PY) -c 'import fairseq;print(fairseq.__version__)')"; \
+	else echo "building $(FAIRSEQ_DIST) (about 3 minutes on 2 cores)"; \
+		$(PIP) install --quiet --no-build-isolation --no-deps $(FAIRSEQ_DIST); fi
+	$(PIP) install --quiet --no-build-isolation --no-deps -e .
+	@touch $(STAMP)

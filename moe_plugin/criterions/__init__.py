@@ -1,0 +1,1 @@
+from moe_plugin.criterions import moe_cross_entropy  # noqa: F401

@@ -1,0 +1,188 @@
+"""The router seam: what every routing scheme takes and returns.
+
+Shape legend (used in every tensor name of this package):
+  T  tokens in the flattened batch (sequence positions x batch, padding included)
+  D  model dimension            E  experts in the layer
+  K  expert slots per token     V  vocabulary size
+
+A router maps hidden states ``x_TD`` (and, keyword-only, the token ids of those positions)
+to a :class:`RouterOutput`. It knows nothing about experts or dispatch: the MoE layer hands
+its output to a dispatcher and an expert bank. Adding a routing scheme is one new file in
+this package that subclasses :class:`Router` and calls :func:`register_router`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Dict, Optional, Tuple, Type
+
+import torch
+import torch.nn as nn
+
+# Expert id marking a slot that carries no expert (dropped by capacity, or a padding token).
+DROPPED = -1
+
+
+@dataclasses.dataclass
+class TokenInfo:
+    """Token ids aligned with the rows of ``x_TD`` (row ``t * B + b`` is position t of sequence b).
+
+    ``prev_ids_T``/``next_ids_T`` hold the neighbouring tokens in the same sequence
+    (``pad`` outside it); ``next_ids_T`` is None when the future is unknown (incremental
+    decoding). ``positions_T`` are 0-based positions within the sequence.
+    """
+
+    ids_T: torch.Tensor
+    prev_ids_T: torch.Tensor
+    positions_T: torch.Tensor
+    pad_mask_T: torch.Tensor
+    next_ids_T: Optional[torch.Tensor] = None
+    incremental: bool = False
+
+
+@dataclasses.dataclass
+class RouterOutput:
+    """The named result of every router.
+
+    expert_ids_TK: LongTensor (T, K); ``DROPPED`` (-1) marks a slot that sends nothing.
+    weights_TK:    combine weights (T, K), 0 where the slot is dropped.
+    aux_losses:    unweighted differentiable scalars by name (``balance``, ``z``, ...);
+                   the criterion weights them.
+    stats:         detached tensors for logging; ``tokens_per_expert`` (E,) is always
+                   present and counts the routed (kept) slots of non-padding tokens.
+    """
+
+    expert_ids_TK: torch.Tensor
+    weights_TK: torch.Tensor
+    aux_losses: Dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    stats: Dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+
+class Router(nn.Module):
+    """Base class. Subclasses implement :meth:`forward` and set ``top_k``.
+
+    Construction takes the layer's :class:`moe_plugin.config.MoEConfig` plus the model
+    dimension, so a router can read its own options (``cfg.hash_type``, ...).
+    """
+
+    name: str = "?"
+    #: whether the router needs :class:`TokenInfo` (hash routing does).
+    needs_tokens: bool = False
+
+    def __init__(self, cfg, model_dim: int):
+        super().__init__()
+        self.num_experts = cfg.moe_expert_count
+        self.model_dim = model_dim
+        self.top_k = 1
+
+    def forward(self, x_TD: torch.Tensor, *, tokens: Optional[TokenInfo] = None) -> RouterOutput:
+        raise NotImplementedError
+
+    @staticmethod
+    def validate(cfg) -> None:
+        """Raise ValueError for options this router cannot honour (called at build time)."""
+
+
+ROUTER_REGISTRY: Dict[str, Type[Router]] = {}
+#: router name -> its option dataclass (fields become --flags of the MoE archs)
+ROUTER_OPTIONS: Dict[str, type] = {}
+#: fairseq arch name -> (router name, default option values of that arch)
+ARCHS: Dict[str, Tuple[str, Dict[str, object]]] = {}
+
+
+def register_router(
+    name: str,
+    *,
+    options: Optional[type] = None,
+    arch: Optional[str] = None,
+    arch_defaults: Optional[Dict[str, object]] = None,
+) -> Callable[[Type[Router]], Type[Router]]:
+    """Class decorator: register a router, its option dataclass and its fairseq arch name.
+
+    ``arch_defaults`` are the arch's defaults for MoE options (a user's flag wins).
+    """
+
+    def wrap(cls: Type[Router]) -> Type[Router]:
+        if name in ROUTER_REGISTRY:
+            raise ValueError(f"router {name!r} is registered twice")
+        cls.name = name
+        ROUTER_REGISTRY[name] = cls
+        if options is not None:
+            ROUTER_OPTIONS[name] = options
+        if arch is not None:
+            ARCHS[arch] = (name, dict(arch_defaults or {}))
+        return cls
+
+    return wrap
+
+
+def build_router(cfg, model_dim: int) -> Router:
+    """The router named by ``cfg.moe_router`` (options validated by ``config.validate``)."""
+    return ROUTER_REGISTRY[cfg.moe_router](cfg, model_dim)
+
+
+# ----------------------------------------------------------------------------------------
+# Helpers shared by the softmax routers (switch, gshard, and the top-k family).
+# ----------------------------------------------------------------------------------------
+
+
+def capacity(num_tokens: int, num_experts: int, top_k: int, factor: float) -> int:
+    """Slots per expert: ``ceil(factor * K * T / E)``; ``factor = inf`` means no limit.
+
+    factor 1.0 is a perfectly balanced load (GShard's top-2 capacity 2T/E is factor 1.0).
+    """
+    if math.isinf(factor):
+        return max(num_tokens * top_k, 1)
+    return max(int(math.ceil(factor * top_k * num_tokens / num_experts)), 1)
+
+
+def apply_capacity(expert_ids_TK: torch.Tensor, num_experts: int, cap: int) -> torch.Tensor:
+    """Drop slots beyond ``cap`` per expert; first choices of all tokens go first, then
+    second choices, each in token order (GShard's priority). Returns ids with ``DROPPED``.
+
+    Already-dropped slots (-1) stay dropped and take no capacity.
+    """
+    T, K = expert_ids_TK.shape
+    ids_KT = expert_ids_TK.t()  # priority order: slot k of every token before slot k+1
+    kept_KT = ids_KT >= 0
+    onehot_KTE = torch.nn.functional.one_hot(ids_KT.clamp(min=0), num_experts) * kept_KT.unsqueeze(-1)
+    # position of each slot in its expert's queue (0-based)
+    rank_KTE = onehot_KTE.reshape(K * T, num_experts).cumsum(0).reshape(K, T, num_experts) - 1
+    rank_KT = (rank_KTE * onehot_KTE).sum(-1)
+    keep_KT = kept_KT & (rank_KT < cap)
+    return torch.where(keep_KT, ids_KT, torch.full_like(ids_KT, DROPPED)).t().contiguous()
+
+
+def tokens_per_expert(expert_ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """(E,) counts of kept slots."""
+    ids = expert_ids_TK.reshape(-1)
+    return torch.bincount(ids[ids >= 0], minlength=num_experts)
+
+
+def switch_balance_loss(probs_TE: torch.Tensor, top1_T: torch.Tensor, valid_T: torch.Tensor) -> torch.Tensor:
+    """Switch Transformer load-balancing loss ``E * sum_e f_e * P_e`` (Fedus et al., eq. 4).
+
+    f_e: fraction of valid tokens whose first choice is e (before capacity dropping);
+    P_e: mean router probability of e over valid tokens. Equals 1.0 for uniform routing.
+    """
+    E = probs_TE.shape[-1]
+    w_T = valid_T.to(probs_TE.dtype)
+    n = w_T.sum().clamp(min=1.0)
+    f_E = torch.zeros(E, dtype=probs_TE.dtype, device=probs_TE.device).index_add_(0, top1_T, w_T) / n
+    P_E = (probs_TE * w_T.unsqueeze(-1)).sum(0) / n
+    return E * (f_E.detach() * P_E).sum()
+
+
+def router_z_loss(logits_TE: torch.Tensor, valid_T: torch.Tensor) -> torch.Tensor:
+    """ST-MoE router z-loss: mean over valid tokens of logsumexp(logits)^2."""
+    z_T = torch.logsumexp(logits_TE, dim=-1).pow(2)
+    w_T = valid_T.to(z_T.dtype)
+    return (z_T * w_T).sum() / w_T.sum().clamp(min=1.0)
+
+
+def routing_entropy(probs_TE: torch.Tensor, valid_T: torch.Tensor) -> torch.Tensor:
+    """Mean entropy (nats) of the router distribution over valid tokens."""
+    ent_T = -(probs_TE * torch.log(probs_TE.clamp(min=1e-9))).sum(-1)
+    w_T = valid_T.to(ent_T.dtype)
+    return (ent_T * w_T).sum() / w_T.sum().clamp(min=1.0)

@@ -1,0 +1,36 @@
+"""Switch Transformer routing (Fedus, Zoph, Shazeer 2021): top-1 softmax gate.
+
+The chosen expert's output is scaled by its router probability; tokens over capacity are
+dropped (their FFN output is zero, so the layer's residual carries them through). Losses:
+the load-balancing loss ``E * sum_e f_e P_e`` and the optional router z-loss (weights set in
+the criterion). Options: ``--moe-jitter-eps`` multiplies the router input by U(1-eps, 1+eps)
+in training.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+
+from moe_plugin.routing.interface import register_router
+from moe_plugin.routing.softmax_topk import LinearGateRouter
+
+
+@dataclass
+class SwitchOptions:
+    moe_jitter_eps: float = field(
+        default=0.0, metadata={"help": "switch/gshard: multiplicative router-input jitter in training (0 = off)"}
+    )
+
+
+@register_router("switch", options=SwitchOptions, arch="switch_lm", arch_defaults={"moe_top_k": 1})
+class SwitchRouter(LinearGateRouter):
+    @staticmethod
+    def validate(cfg) -> None:
+        if cfg.moe_top_k != 1:
+            raise ValueError(f"--moe-top-k: {cfg.moe_top_k} is not allowed for the switch router; allowed: 1")
+        if not 0.0 <= cfg.moe_jitter_eps < 1.0:
+            raise ValueError(f"--moe-jitter-eps: {cfg.moe_jitter_eps} is not allowed; allowed: 0 <= eps < 1")
+
+    def select(self, probs_TE, logits_TE):
+        weight_T1, expert_T1 = probs_TE.max(dim=-1, keepdim=True)
+        return expert_T1, weight_T1
