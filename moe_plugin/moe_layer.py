@@ -17,7 +17,7 @@ import torch.nn as nn
 
 from moe_plugin.dispatch import LocalDispatcher
 from moe_plugin.experts import ExpertBank
-from moe_plugin.routing import Router, TokenInfo, build_router
+from moe_plugin.routing import Router, TokenInfo, VocabInfo, build_router
 
 
 class MoELayer(nn.Module):
@@ -61,9 +61,18 @@ class MoELayer(nn.Module):
         return y_TD.reshape(shape)
 
 
-def build_moe_layer(cfg, model_dim: int, ffn_dim: int, activation: str = "relu", activation_dropout: float = 0.0) -> MoELayer:
+def build_moe_layer(
+    cfg,
+    model_dim: int,
+    ffn_dim: int,
+    activation: str = "relu",
+    activation_dropout: float = 0.0,
+    *,
+    vocab: Optional[VocabInfo] = None,
+    layer_index: Optional[int] = None,
+) -> MoELayer:
     """The standard MoE FFN: the configured router over an :class:`ExpertBank`."""
-    router = build_router(cfg, model_dim)
+    router = build_router(cfg, model_dim, vocab=vocab, layer_index=layer_index)
     experts = ExpertBank(
         cfg.moe_expert_count,
         model_dim,

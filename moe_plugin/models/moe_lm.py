@@ -39,7 +39,7 @@ from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
 
 from moe_plugin import config as moe_config
 from moe_plugin.moe_layer import MoELayer, build_moe_layer
-from moe_plugin.routing import ARCHS, TokenInfo
+from moe_plugin.routing import ARCHS, TokenInfo, VocabInfo
 
 
 MoELanguageModelConfig = dataclasses.make_dataclass(
@@ -93,12 +93,12 @@ def _identity(x):
 class MoEDecoderLayer(TransformerDecoderLayerBase):
     """A fairseq decoder layer whose FFN (fc1 -> act -> fc2) is one :class:`MoELayer` (``fc1``)."""
 
-    def __init__(self, cfg, no_encoder_attn, moe_cfg, layer_index: int, token_context: TokenContext):
+    def __init__(self, cfg, no_encoder_attn, moe_cfg, layer_index: int, token_context: TokenContext, vocab: VocabInfo):
         if getattr(cfg, "scale_fc", False):
             raise ValueError("--scale-fc: not supported in MoE layers (the expert FFN has no inner LayerNorm)")
         # read by build_fc1, which fairseq's __init__ calls (plain attributes may be set
         # before nn.Module.__init__)
-        self._moe_build_args = (cfg, moe_cfg)
+        self._moe_build_args = (cfg, moe_cfg, layer_index, vocab)
         super().__init__(cfg, no_encoder_attn)
         del self._moe_build_args
         self.layer_index = layer_index
@@ -106,10 +106,16 @@ class MoEDecoderLayer(TransformerDecoderLayerBase):
         self.activation_fn = _identity  # the experts apply the activation themselves
 
     def build_fc1(self, input_dim, output_dim, q_noise, qn_block_size) -> MoELayer:
-        cfg, moe_cfg = self._moe_build_args
+        cfg, moe_cfg, layer_index, vocab = self._moe_build_args
         act_dropout = cfg.activation_dropout or getattr(cfg, "relu_dropout", 0.0) or 0.0
         return build_moe_layer(
-            moe_cfg, input_dim, output_dim, activation=str(cfg.activation_fn), activation_dropout=float(act_dropout)
+            moe_cfg,
+            input_dim,
+            output_dim,
+            activation=str(cfg.activation_fn),
+            activation_dropout=float(act_dropout),
+            vocab=vocab,
+            layer_index=layer_index,
         )
 
     def build_fc2(self, input_dim, output_dim, q_noise, qn_block_size):
@@ -135,6 +141,12 @@ class MoETransformerDecoder(TransformerDecoder):
         self.moe_layer_indices = moe_config.parse_moe_layers(moe_cfg, num_layers)
         self._layers_built = 0
         self.token_context = TokenContext(dictionary.pad())
+        self.vocab_info = VocabInfo(
+            size=len(dictionary),
+            pad=dictionary.pad(),
+            eos=dictionary.eos(),
+            counts_V=torch.tensor(dictionary.count, dtype=torch.long) if getattr(dictionary, "count", None) else None,
+        )
         super().__init__(args, dictionary, embed_tokens, no_encoder_attn=no_encoder_attn)
 
     def build_decoder_layer(self, args, no_encoder_attn=False):
@@ -143,7 +155,7 @@ class MoETransformerDecoder(TransformerDecoder):
         if index not in self.moe_layer_indices:
             return super().build_decoder_layer(args, no_encoder_attn)
         cfg = TransformerConfig.from_namespace(args)
-        layer = MoEDecoderLayer(cfg, no_encoder_attn, self.moe_cfg, index, self.token_context)
+        layer = MoEDecoderLayer(cfg, no_encoder_attn, self.moe_cfg, index, self.token_context, self.vocab_info)
         if cfg.checkpoint_activations:
             layer = checkpoint_wrapper(layer, offload_to_cpu=cfg.offload_activations)
         return fsdp_wrap(layer, min_num_params=cfg.min_params_to_wrap if not cfg.checkpoint_activations else 0)

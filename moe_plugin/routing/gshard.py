@@ -36,8 +36,8 @@ class GShardOptions:
     arch_defaults={"moe_top_k": 2, "moe_capacity_factor": 1.0},
 )
 class GShardRouter(LinearGateRouter):
-    def __init__(self, cfg, model_dim):
-        super().__init__(cfg, model_dim)
+    def __init__(self, cfg, model_dim, **kwargs):
+        super().__init__(cfg, model_dim, **kwargs)
         self.top_k = 2
         self.second_expert_policy = cfg.moe_second_expert_policy
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Dict, Optional, Tuple, Type
+from typing import Callable, Dict, List, Optional, Tuple, Type
 
 import torch
 import torch.nn as nn
@@ -42,6 +42,20 @@ class TokenInfo:
 
 
 @dataclasses.dataclass
+class VocabInfo:
+    """What a router may know of the vocabulary at build time (hash tables need it).
+
+    ``counts_V`` are the token frequencies of the training data (fairseq's dict.txt), or
+    None when unknown. The decoder fills this from the task's dictionary.
+    """
+
+    size: int
+    pad: int
+    eos: int
+    counts_V: Optional[torch.Tensor] = None
+
+
+@dataclasses.dataclass
 class RouterOutput:
     """The named result of every router.
 
@@ -62,16 +76,20 @@ class RouterOutput:
 class Router(nn.Module):
     """Base class. Subclasses implement :meth:`forward` and set ``top_k``.
 
-    Construction takes the layer's :class:`moe_plugin.config.MoEConfig` plus the model
-    dimension, so a router can read its own options (``cfg.hash_type``, ...).
+    Construction takes the layer's :class:`moe_plugin.config.MoEConfig`, the model
+    dimension, and (keyword-only) the :class:`VocabInfo` and the 0-based decoder layer
+    index (None outside a decoder), so a router can read its own options
+    (``cfg.hash_type``, ...) and seed per-layer state.
     """
 
     name: str = "?"
     #: whether the router needs :class:`TokenInfo` (hash routing does).
     needs_tokens: bool = False
 
-    def __init__(self, cfg, model_dim: int):
+    def __init__(self, cfg, model_dim: int, *, vocab: Optional[VocabInfo] = None, layer_index: Optional[int] = None):
         super().__init__()
+        self.vocab = vocab
+        self.layer_index = layer_index
         self.num_experts = cfg.moe_expert_count
         self.model_dim = model_dim
         self.top_k = 1
@@ -89,6 +107,8 @@ ROUTER_REGISTRY: Dict[str, Type[Router]] = {}
 ROUTER_OPTIONS: Dict[str, type] = {}
 #: fairseq arch name -> (router name, default option values of that arch)
 ARCHS: Dict[str, Tuple[str, Dict[str, object]]] = {}
+#: fairseq arch name -> extra fairseq-train arguments ``make demo`` adds for it
+DEMO_ARGS: Dict[str, List[str]] = {}
 
 
 def register_router(
@@ -97,10 +117,13 @@ def register_router(
     options: Optional[type] = None,
     arch: Optional[str] = None,
     arch_defaults: Optional[Dict[str, object]] = None,
+    demo_args: Optional[List[str]] = None,
 ) -> Callable[[Type[Router]], Type[Router]]:
     """Class decorator: register a router, its option dataclass and its fairseq arch name.
 
-    ``arch_defaults`` are the arch's defaults for MoE options (a user's flag wins).
+    ``arch_defaults`` are the arch's defaults for MoE options (a user's flag wins);
+    ``demo_args`` are extra fairseq-train flags ``make demo`` passes for the arch (the
+    demo trains every registered arch, so a new router joins it by registering).
     """
 
     def wrap(cls: Type[Router]) -> Type[Router]:
@@ -112,14 +135,15 @@ def register_router(
             ROUTER_OPTIONS[name] = options
         if arch is not None:
             ARCHS[arch] = (name, dict(arch_defaults or {}))
+            DEMO_ARGS[arch] = list(demo_args or [])
         return cls
 
     return wrap
 
 
-def build_router(cfg, model_dim: int) -> Router:
+def build_router(cfg, model_dim: int, *, vocab: Optional[VocabInfo] = None, layer_index: Optional[int] = None) -> Router:
     """The router named by ``cfg.moe_router`` (options validated by ``config.validate``)."""
-    return ROUTER_REGISTRY[cfg.moe_router](cfg, model_dim)
+    return ROUTER_REGISTRY[cfg.moe_router](cfg, model_dim, vocab=vocab, layer_index=layer_index)
 
 
 # ----------------------------------------------------------------------------------------

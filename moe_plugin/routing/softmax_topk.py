@@ -30,8 +30,8 @@ class LinearGateRouter(Router):
     Subclasses choose the experts from the probabilities in :meth:`select`.
     """
 
-    def __init__(self, cfg, model_dim: int):
-        super().__init__(cfg, model_dim)
+    def __init__(self, cfg, model_dim: int, **kwargs):
+        super().__init__(cfg, model_dim, **kwargs)
         self.gate = nn.Linear(model_dim, self.num_experts, bias=False)
         # small init keeps early routing close to uniform (Switch: scale 0.1 truncated normal)
         nn.init.normal_(self.gate.weight, std=0.1 / model_dim**0.5)
