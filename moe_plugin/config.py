@@ -50,6 +50,13 @@ class MoECoreOptions:
     moe_gating_use_fp32: bool = field(
         default=True, metadata={"help": "compute router logits and softmax in fp32"}
     )
+    moe_expert_parallel: bool = field(
+        default=False,
+        metadata={
+            "help": "expert parallelism: each of W workers holds E/W experts, tokens travel by "
+            "all-to-all (needs --ddp-backend legacy_ddp); default: every worker holds all experts"
+        },
+    )
 
 
 def _combined_config_class():

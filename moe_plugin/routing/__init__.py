@@ -1,7 +1,10 @@
-"""Routers: one file per scheme, each registering itself on import.
+"""Routers: one file per scheme, each registering itself (and its options and arch) on import.
 
-A new scheme is one new module here plus one line below.
+Every module of this package is imported here, so a new scheme is one new file.
 """
+
+import importlib
+import pkgutil
 
 from moe_plugin.routing.interface import (  # noqa: F401
     ARCHS,
@@ -16,4 +19,7 @@ from moe_plugin.routing.interface import (  # noqa: F401
     build_router,
     register_router,
 )
-from moe_plugin.routing import gshard, switch  # noqa: F401,E402
+
+for _mod in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    if not _mod.startswith("_"):
+        importlib.import_module(f"{__name__}.{_mod}")
