@@ -15,7 +15,7 @@ RUNTIME_DEPS := hydra-core==1.3.2 omegaconf==2.3.0 fairscale==0.4.13 sacrebleu b
 TEST_DEPS := pytest hypothesis
 DEMO_ARGS ?=
 
-.PHONY: install demo test test-all test-slow bench clean-demo
+.PHONY: install demo test test-all clean-demo
 
 install: $(STAMP)
 
@@ -32,3 +32,17 @@ $(STAMP): setup.py
 		$(PIP) install --quiet --no-build-isolation --no-deps $(FAIRSEQ_DIST); fi
 	$(PIP) install --quiet --no-build-isolation --no-deps -e .
 	@touch $(STAMP)
+
+# The main job: corpus -> fairseq-preprocess -> train every arch -> fairseq-eval-lm -> results/demo/results.md
+demo: install
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) scripts/demo.py $(DEMO_ARGS)
+
+# The default test run (what CI runs): everything but tests marked slow.
+test: install
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -ra --durations=15 tests
+
+test-all: install
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -ra -m "" tests
+
+clean-demo:
+	rm -rf results/demo data/synthetic

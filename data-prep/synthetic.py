@@ -170,7 +170,7 @@ def main(argv=None) -> int:
                        args.successors, args.alpha, args.end_prob, args.min_len)
     os.makedirs(args.out, exist_ok=True)
     np.savez_compressed(os.path.join(args.out, "source.npz"), **src)
-    truth = {"config": vars(args)}
+    truth = {"config": {k: v for k, v in vars(args).items() if k != "out"}}
     for split, ntok, off in (("train", args.train_tokens, 1), ("valid", args.valid_tokens, 2),
                              ("test", args.test_tokens, 3)):
         docs = sample_docs(src, ntok, np.random.default_rng([args.seed, off]))

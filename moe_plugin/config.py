@@ -87,7 +87,7 @@ def parse_moe_layers(cfg, num_layers: int) -> List[int]:
             layers = sorted({int(s) for s in str(cfg.moe_layers).split(",") if s.strip() != ""})
         except ValueError:
             raise ValueError(
-                f"--moe-layers: {cfg.moe_layers!r} is not a comma-separated list of integers"
+                f"--moe-layers: {cfg.moe_layers!r} is not allowed; it must be comma-separated layer indices, e.g. 1,3"
             ) from None
         bad = [i for i in layers if not 0 <= i < num_layers]
         if bad:

@@ -30,6 +30,22 @@ ACTIVATIONS = {
 }
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous.
+
+    torch._grouped_mm's backward rejects stride-0 gradients (e.g. from ``y.sum()``);
+    a contiguous gradient costs nothing extra in the usual case.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
 def grouped_matmul(x_ND: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     """Rows ``x_ND`` sorted by group (``counts_E`` rows each) times that group's matrix.
 
@@ -38,10 +54,13 @@ def grouped_matmul(x_ND: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.Tens
     available of grouped_mm and bmm.
     """
     if impl == "auto":
-        impl = "grouped_mm" if _HAS_GROUPED_MM else "bmm"
+        # torch._grouped_mm needs 16-byte aligned strides (e.g. D, F multiples of 4 in fp32)
+        es = x_ND.element_size()
+        aligned = (x_ND.shape[1] * es) % 16 == 0 and (w_EDF.shape[2] * es) % 16 == 0
+        impl = "grouped_mm" if _HAS_GROUPED_MM and aligned else "bmm"
     if impl == "grouped_mm":
         offs_E = counts_E.cumsum(0).to(torch.int32)
-        return torch._grouped_mm(x_ND, w_EDF.to(x_ND.dtype), offs=offs_E)
+        return _ContiguousGrad.apply(torch._grouped_mm(x_ND, w_EDF.to(x_ND.dtype), offs=offs_E))
     if impl == "loop":
         chunks = torch.split(x_ND, counts_E.tolist())
         return torch.cat([c @ w_EDF[e].to(x_ND.dtype) for e, c in enumerate(chunks)], dim=0)

@@ -80,4 +80,6 @@ def build_moe_layer(
         activation=activation,
         activation_dropout=activation_dropout,
     )
-    return MoELayer(router, experts)
+    # a router may need its own expert computation (hash_lm's MultiHash): it returns the layer
+    layer = router.make_layer(experts) if hasattr(router, "make_layer") else None
+    return layer if layer is not None else MoELayer(router, experts)

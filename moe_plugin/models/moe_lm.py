@@ -222,7 +222,8 @@ def _make_arch(arch_name: str, router: str, defaults: dict):
             args.moe_router = router
         for name, value in defaults.items():
             if getattr(args, name, None) is None:
-                setattr(args, name, value)
+                # a callable default is computed from the args (e.g. hash_lm's one MoE layer)
+                setattr(args, name, value(args) if callable(value) else value)
         for f in dataclasses.fields(moe_config.MoEConfig):
             if getattr(args, f.name, None) is None and f.default is not None:
                 setattr(args, f.name, f.default)

@@ -1,0 +1,55 @@
+"""Test helpers: a router config for any registered router, token infos, slow references."""
+
+import dataclasses
+
+import torch
+
+from moe_plugin.config import MoEConfig
+from moe_plugin.routing import ARCHS, ROUTER_REGISTRY, TokenInfo, VocabInfo
+
+
+def router_cfg(name: str, **overrides):
+    """MoEConfig for router ``name`` with its arch's defaults (as --arch would give)."""
+    values = {"moe_router": name}
+    for arch, (router, defaults) in ARCHS.items():
+        if router == name:
+            values.update(defaults)
+    values.update(overrides)
+    known = {f.name for f in dataclasses.fields(MoEConfig)}
+    return MoEConfig(**{k: v for k, v in values.items() if k in known})
+
+
+def token_info(ids_BT: torch.Tensor, pad: int = 1) -> TokenInfo:
+    """TokenInfo in fairseq's (T x B) row order from a (B, T) batch of ids."""
+    B, L = ids_BT.shape
+    prev = torch.cat([ids_BT.new_full((B, 1), pad), ids_BT[:, :-1]], 1)
+    nxt = torch.cat([ids_BT[:, 1:], ids_BT.new_full((B, 1), pad)], 1)
+    pos = torch.arange(L).unsqueeze(0).expand(B, L)
+    f = lambda t: t.t().reshape(-1)  # noqa: E731
+    return TokenInfo(ids_T=f(ids_BT), prev_ids_T=f(prev), positions_T=f(pos), pad_mask_T=f(ids_BT.eq(pad)),
+                     next_ids_T=f(nxt))
+
+
+def vocab_info(size: int = 50, seed: int = 0) -> VocabInfo:
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.randint(1, 1000, (size,), generator=g)
+    counts[:4] = 1  # fairseq's special symbols
+    return VocabInfo(size=size, pad=1, eos=2, counts_V=counts)
+
+
+def all_router_names():
+    return sorted(ROUTER_REGISTRY)
+
+
+def reference_moe(x_TD, expert_ids_TK, weights_TK, experts):
+    """Slow obvious MoE: for every token and every kept slot, add w * FFN_e(x_t)."""
+    out = torch.zeros_like(x_TD)
+    for t in range(x_TD.shape[0]):
+        for k in range(expert_ids_TK.shape[1]):
+            e = int(expert_ids_TK[t, k])
+            if e < 0:
+                continue
+            h = x_TD[t] @ experts.w1_EDF[e] + experts.b1_EF[e]
+            h = experts.activation(h)
+            out[t] = out[t] + weights_TK[t, k] * (h @ experts.w2_EFD[e] + experts.b2_ED[e])
+    return out
