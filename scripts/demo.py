@@ -15,11 +15,14 @@ Run as ``make demo``; ``python scripts/demo.py --help`` for the knobs.
 
 import argparse
 import json
+import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
+import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -29,7 +32,8 @@ def sh(cmd, log_path=None, echo_prefix=None, echo_every=None):
     """Run a command, tee to a log file, echo fairseq progress lines now and then."""
     t0 = time.time()
     with open(log_path or os.devnull, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+        env = dict(os.environ, PYTHONWARNINGS="ignore")
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
         lines = []
         for line in proc.stdout:
             log.write(line)
@@ -43,7 +47,7 @@ def sh(cmd, log_path=None, echo_prefix=None, echo_every=None):
         rc = proc.wait()
     if rc != 0:
         tail = "".join(lines[-30:])
-        raise SystemExit(f"command failed ({rc}): {' '.join(cmd)}\n{tail}")
+        raise RuntimeError(f"command failed ({rc}): {' '.join(cmd)}\n{tail}")
     return "".join(lines)
 
 
@@ -52,7 +56,14 @@ def last_match(pattern, text, group=1, cast=float):
     return cast(ms[-1]) if ms else None
 
 
+def quiet_imports():
+    """fairseq and fairscale print warnings and INFO lines on import; the demo does not need them."""
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.INFO)
+
+
 def main(argv=None):
+    quiet_imports()
     from moe_plugin.routing import ARCHS, DEMO_ARGS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -101,36 +112,17 @@ def main(argv=None):
         "--log-interval", str(max(args.max_update // 6, 1)), "--validate-interval-updates", "0",
         "--no-epoch-checkpoints", "--disable-validation",
     ]
-    rows = []
+    rows, failed = [], []
     for arch in archs:
         t0 = time.time()
-        save = os.path.join(args.out, "checkpoints", arch)
-        extra = []
-        if arch in ARCHS:
-            k = int(ARCHS[arch][1].get("moe_top_k", 1))
-            extra = ["--moe-expert-count", str(args.experts), "--moe-expert-ffn-dim", str(max(args.ffn_dim // k, 1))]
-            extra += DEMO_ARGS.get(arch, [])
-        print(f"[demo] {arch}: training {args.max_update} updates", flush=True)
-        log = sh([py, "-m", "fairseq_cli.train", *common, "--arch", arch, "--save-dir", save, *extra],
-                 os.path.join(args.out, f"train_{arch}.log"), echo_prefix=arch)
-        train_line = [l for l in log.splitlines() if "| train |" in l][-1]
-        row = {
-            "arch": arch,
-            "wps": last_match(r"\| wps ([\d.]+)", train_line),
-            "load_max": last_match(r"\| moe_load_max ([\d.]+)", train_line),
-            "dropped": last_match(r"\| moe_dropped ([\d.]+)", train_line),
-            "train_seconds": round(time.time() - t0, 1),
-        }
-        ckpt = os.path.join(save, "checkpoint_last.pt")
-        for split in ("valid", "test"):
-            out = sh([py, "-m", "fairseq_cli.eval_lm", data_bin, "--user-dir", os.path.join(ROOT, "moe_plugin"),
-                      "--path", ckpt, "--cpu", "--gen-subset", split, "--tokens-per-sample", str(args.tokens_per_sample),
-                      "--context-window", str(args.tokens_per_sample // 2), "--max-tokens", str(args.max_tokens)],
-                     os.path.join(args.out, f"eval_{arch}_{split}.log"))
-            row[f"{split}_ppl"] = last_match(r"Perplexity: ([\d.]+)", out)
-        row.update(count_params(ckpt))
-        rows.append(row)
-        print(f"[demo] {arch}: valid ppl {row['valid_ppl']:.2f}, test ppl {row['test_ppl']:.2f} "
+        try:
+            rows.append(run_arch(arch, args, py, data_bin, common, truth))
+        except Exception as e:  # keep going: one broken arch should not hide the others
+            print(f"[demo] {arch}: FAILED ({e})", flush=True)
+            failed.append(arch)
+            continue
+        r = rows[-1]
+        print(f"[demo] {arch}: valid ppl {r['valid_ppl']:.2f}, test ppl {r['test_ppl']:.2f} "
               f"(true source {truth['valid']['perplexity']:.2f}/{truth['test']['perplexity']:.2f}) "
               f"[{time.time() - t0:.0f}s]", flush=True)
 
@@ -142,6 +134,42 @@ def main(argv=None):
         json.dump({"rows": rows, "truth": truth}, f, indent=2)
     print(md)
     print(f"[demo] wrote {os.path.join(args.out, 'results.md')}")
+    if failed:
+        raise SystemExit(f"[demo] these archs failed (logs in {args.out}): {', '.join(failed)}")
+
+
+def run_arch(arch, args, py, data_bin, common, truth):
+    """Train one arch from scratch, evaluate it on valid and test; return its results row."""
+    from moe_plugin.routing import ARCHS, DEMO_ARGS
+
+    t0 = time.time()
+    save = os.path.join(args.out, "checkpoints", arch)
+    shutil.rmtree(save, ignore_errors=True)  # fairseq would resume from an old checkpoint_last
+    extra = []
+    if arch in ARCHS:
+        k = int(ARCHS[arch][1].get("moe_top_k", 1))
+        extra = ["--moe-expert-count", str(args.experts), "--moe-expert-ffn-dim", str(max(args.ffn_dim // k, 1))]
+        extra += DEMO_ARGS.get(arch, [])
+    print(f"[demo] {arch}: training {args.max_update} updates", flush=True)
+    log = sh([py, "-m", "fairseq_cli.train", *common, "--arch", arch, "--save-dir", save, *extra],
+             os.path.join(args.out, f"train_{arch}.log"), echo_prefix=arch)
+    train_line = [l for l in log.splitlines() if "| train |" in l][-1]
+    row = {
+        "arch": arch,
+        "wps": last_match(r"\| wps ([\d.]+)", train_line),
+        "load_max": last_match(r"\| moe_load_max ([\d.]+)", train_line),
+        "dropped": last_match(r"\| moe_dropped ([\d.]+)", train_line),
+    }
+    ckpt = os.path.join(save, "checkpoint_last.pt")
+    for split in ("valid", "test"):
+        out = sh([py, "-m", "fairseq_cli.eval_lm", data_bin, "--user-dir", os.path.join(ROOT, "moe_plugin"),
+                  "--path", ckpt, "--cpu", "--gen-subset", split, "--tokens-per-sample", str(args.tokens_per_sample),
+                  "--context-window", str(args.tokens_per_sample // 2), "--max-tokens", str(args.max_tokens)],
+                 os.path.join(args.out, f"eval_{arch}_{split}.log"))
+        row[f"{split}_ppl"] = last_match(r"Perplexity: ([\d.]+)", out)
+    row.update(count_params(ckpt))
+    row["seconds"] = round(time.time() - t0, 1)
+    return row
 
 
 def count_params(ckpt):
@@ -152,7 +180,7 @@ def count_params(ckpt):
     from moe_plugin.utils import param_counts
 
     models, _ = checkpoint_utils.load_model_ensemble([ckpt])
-    total, active = param_counts(models[0])
+    total, active = param_counts(models[0].eval())  # eval: the K the evaluation uses
     return {"params": total, "active_params": active}
 
 

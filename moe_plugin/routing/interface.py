@@ -45,8 +45,11 @@ class TokenInfo:
 class VocabInfo:
     """What a router may know of the vocabulary at build time (hash tables need it).
 
-    ``counts_V`` are the token frequencies of the training data (fairseq's dict.txt), or
-    None when unknown. The decoder fills this from the task's dictionary.
+    ``counts_V`` are the token frequencies of the training data from fairseq's dict.txt, or
+    None when unknown. The decoder fills this from the task's dictionary. fairseq stores
+    no real counts for its special symbols (``<s>``, ``<pad>``, ``</s>``, ``<unk>``: count 1),
+    although ``</s>`` ends every line: a router that balances by frequency must treat them
+    itself (the balanced hash does).
     """
 
     size: int

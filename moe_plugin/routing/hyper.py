@@ -1,0 +1,127 @@
+"""HyperRouter (Do, Le, Pham, et al., EMNLP 2023, arXiv 2312.07035): router `hyper`, arch `hyper_lm`.
+
+Shape legend:
+  T  tokens      D  model dimension      E  experts      K  experts per token (the K in use)
+  Q  router-embedding dimension (--hyper-embed-dim)      H  hypernetwork hidden size (--hyper-hidden-dim)
+  P  hypernetwork output size, E * (D + 1)
+
+Per MoE layer (paper Sec. 3.2, eq. 5-6; reference: giangdip2410/HyperRouter ``HyperRouterGate``):
+  * a trainable embedding ``e_1Q`` (N(0, 1) init, like the reference);
+  * a **frozen** hypernetwork ``H: Linear(Q, H) -> ReLU -> Linear(H, E*(D+1))`` (every Linear
+    N(0, 0.02), zero bias: the reference's init), generating on every forward
+    ``[W | b] = H(e).reshape(E, D + 1)``: row e holds expert e's D router weights followed
+    by its bias;
+  * ``logits_TE = x_TD W_ED^T + b_E``; top-K logits; softmax over those K values
+    (``moe_plugin.routing._topk``).
+Only ``e`` learns (through the softmax over the chosen logits, so at K = 1 it receives a
+zero gradient unless ``--hyper-balance-loss`` is on); ``H`` keeps its random init. ``H``
+is a set of ``nn.Parameter`` with ``requires_grad = False``: fairseq builds its optimizer
+from parameters with ``requires_grad`` only (``Trainer._build_optimizer``), so ``H`` has
+no gradient and no optimizer state, yet it is in the ``state_dict`` and the checkpoint, so
+evaluation generates exactly training's router.
+
+Choices where the reference is silent or inconsistent:
+  * ``--hyper-hidden-dim`` (H) is a real option; the reference parses ``--hyper_size`` but
+    never passes it on, so its runs used H = 256 = D. Default 0 means H = D, the same ratio.
+  * ``--hyper-embed-dim`` (Q), default 0 = D (the reference ties Q to d_model).
+  * Initialisation of ``H`` and ``e`` comes from a local generator seeded by
+    ``--moe-frozen-router-seed`` and the layer index, not from the global RNG: ``H`` is
+    never trained, so it must not depend on what else was built before it.
+  * No aux loss by default (the reference has none); ``--hyper-balance-loss`` returns the
+    Switch balance loss over first choices (weight ``--moe-aux-loss-weight``).
+  * The generated router is computed in fp32 when ``--moe-gating-use-fp32`` (default).
+Top-K schedule, evaluation K and capacity: see ``moe_plugin/routing/_topk.py``.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from moe_plugin.routing._topk import (
+    TopKScheduleOptions,
+    TopKSoftmaxRouter,
+    local_generator,
+    validate_top_k_options,
+)
+from moe_plugin.routing.interface import register_router
+
+#: the reference's init std of every Linear (Transformer-XL's --init_std 0.02)
+HYPERNET_INIT_STD = 0.02
+
+#: ``make demo``: train with K rising 1 -> 3 (mean 2 over the 300 demo updates) and evaluate
+#: at K = 2, the K the demo sizes the experts for (F/2), so active compute matches gshard_lm.
+TOPK_DEMO_ARGS = [
+    "--moe-top-k-schedule", "linear", "--moe-top-k-min", "1", "--moe-top-k-max", "3",
+    "--moe-top-k-schedule-updates", "300", "--moe-eval-top-k", "2",
+]
+#: the reference (FastMoE) never drops tokens
+TOPK_ARCH_DEFAULTS = {"moe_top_k": 2, "moe_capacity_factor": float("inf"), "moe_eval_capacity_factor": float("inf")}
+
+
+@dataclass
+class HyperOptions(TopKScheduleOptions):
+    """HyperRouter options plus the top-K schedule options it shares with ``smoe_dropout``."""
+
+    hyper_embed_dim: int = field(
+        default=0, metadata={"help": "hyper: dimension of the trainable router embedding; 0 = model dim"}
+    )
+    hyper_hidden_dim: int = field(
+        default=0, metadata={"help": "hyper: hidden size of the frozen hypernetwork; 0 = model dim"}
+    )
+    hyper_balance_loss: bool = field(
+        default=False,
+        metadata={"help": "hyper: add the Switch load-balancing loss (weight --moe-aux-loss-weight); off in the paper"},
+    )
+
+
+@register_router(
+    "hyper",
+    options=HyperOptions,
+    arch="hyper_lm",
+    arch_defaults=dict(TOPK_ARCH_DEFAULTS),
+    demo_args=list(TOPK_DEMO_ARGS),
+)
+class HyperRouter(TopKSoftmaxRouter):
+    def __init__(self, cfg, model_dim: int, **kwargs):
+        super().__init__(cfg, model_dim, **kwargs)
+        D, E = model_dim, self.num_experts
+        Q = cfg.hyper_embed_dim or D
+        H = cfg.hyper_hidden_dim or D
+        self.balance_loss = bool(cfg.hyper_balance_loss)
+        g = local_generator(cfg.moe_frozen_router_seed, self.layer_index, salt=1)
+        self.embedding_1Q = nn.Parameter(torch.randn(1, Q, generator=g))
+        self.hypernet = nn.Sequential(nn.Linear(Q, H), nn.ReLU(), nn.Linear(H, E * (D + 1)))
+        with torch.no_grad():
+            for lin in (self.hypernet[0], self.hypernet[2]):
+                lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * HYPERNET_INIT_STD)
+                lin.bias.zero_()
+        self.hypernet.requires_grad_(False)
+
+    @staticmethod
+    def validate(cfg) -> None:
+        validate_top_k_options(cfg, "hyper")
+        for name in ("hyper_embed_dim", "hyper_hidden_dim"):
+            v = getattr(cfg, name)
+            if v < 0:
+                raise ValueError(f"--{name.replace('_', '-')}: {v} is not allowed; allowed: 0 (= model dim) or >= 1")
+
+    def generate(self):
+        """-> (W_ED, b_E): the router generated by the frozen hypernetwork from the embedding."""
+        e_1Q = self.embedding_1Q
+        lin1, lin2 = self.hypernet[0], self.hypernet[2]
+        if self.use_fp32:
+            h_1H = torch.relu(nn.functional.linear(e_1Q.float(), lin1.weight.float(), lin1.bias.float()))
+            out_1P = nn.functional.linear(h_1H, lin2.weight.float(), lin2.bias.float())
+        else:
+            out_1P = self.hypernet(e_1Q)
+        wb_ED1 = out_1P.reshape(self.num_experts, self.model_dim + 1)  # row e: [W_e (D) | b_e]
+        return wb_ED1[:, :-1], wb_ED1[:, -1]
+
+    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        W_ED, b_E = self.generate()
+        if self.use_fp32:
+            x_TD = x_TD.float()
+        else:
+            W_ED, b_E = W_ED.to(x_TD.dtype), b_E.to(x_TD.dtype)
+        return nn.functional.linear(x_TD, W_ED, b_E)

@@ -1,0 +1,500 @@
+"""hash_lm's router (moe_plugin/routing/hashed.py) and MultiHash layer, tested against
+independent references: plain-int arithmetic for the hash formulas, brute-force bin packing,
+scipy's chi-square, fairseq's own Dictionary for the token counts, slow per-bucket and
+per-token loops for the expert computation, and fairseq's full forward for incremental
+decoding."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+import torch.nn.functional as F
+
+from fairseq import options, tasks
+from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+import moe_plugin  # noqa: F401
+from moe_plugin import config
+from moe_plugin.experts import ExpertBank
+from moe_plugin.moe_layer import MoELayer, build_moe_layer
+from moe_plugin.routing import DROPPED, TokenInfo, VocabInfo, build_router
+from moe_plugin.routing import hashed
+from moe_plugin.routing._multihash import MultiHashMoELayer, multihash_ffn
+from moe_plugin.routing.hashed import HASH_TYPES
+from tests.conftest import ROOT, USER_DIR
+from tests.helpers import router_cfg, token_info
+
+V, E, D = 60, 4, 8
+EOS, PAD = 2, 1
+
+
+def vocab(size=V, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.randint(1, 1000, (size,), generator=g)
+    counts[:4] = 1  # fairseq's special symbols load with count 1
+    return VocabInfo(size=size, pad=PAD, eos=EOS, counts_V=counts)
+
+
+def table_file(tmp_path, size=V, experts=E, multi=1, seed=0, name="table.txt"):
+    g = torch.Generator().manual_seed(seed)
+    table = torch.randint(experts, (size, multi), generator=g)
+    path = tmp_path / name
+    hashed.write_table_file(str(path), table, "test table")
+    return str(path), table
+
+
+def make(hash_type="random", tmp_path=None, layer_index=1, voc=None, **kw):
+    kw.setdefault("moe_expert_count", E)
+    if hash_type in ("clustered", "dispersed") and "hash_table" not in kw:
+        kw["hash_table"], _ = table_file(tmp_path, experts=kw["moe_expert_count"], multi=kw.get("hash_multi", 1))
+    cfg = router_cfg("hash", hash_type=hash_type, **kw)
+    config.validate(cfg)
+    return build_router(cfg, D, vocab=voc or vocab(), layer_index=layer_index)
+
+
+def batch(B=3, L=7, seed=0, pad_tail=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, V, (B, L), generator=g)
+    ids[0, 2] = EOS
+    if pad_tail:
+        ids[-1, -pad_tail:] = PAD
+    return ids
+
+
+# ---------------------------------------------------------------------------------------
+# The hash functions
+# ---------------------------------------------------------------------------------------
+
+
+def key_of(hash_type, ids, t, b_row, prime=1000003):
+    """The independent reference: what each hash type's expert may depend on (plain ints)."""
+    B, L = ids.shape
+    x = int(ids[b_row, t])
+    prev = int(ids[b_row, t - 1]) if t > 0 else PAD
+    nxt = int(ids[b_row, t + 1]) if t + 1 < L else PAD
+    return {
+        "random": x, "clustered": x, "dispersed": x, "balanced": prev if x == EOS else x,
+        "previous": prev, "oracle": nxt, "bigram": (x, prev), "position": t,
+    }[hash_type]
+
+
+@pytest.mark.parametrize("hash_type", HASH_TYPES)
+def test_same_key_same_expert_everywhere(hash_type, tmp_path):
+    """Across positions, sequences, batch shapes, calls and train/eval, the expert is a
+    function of the type's key alone (token, previous token, bigram, position, next token)."""
+    router = make(hash_type, tmp_path)
+    seen = {}
+    for seed, (B, L), training in [(0, (3, 7), True), (1, (5, 11), False), (2, (1, 20), True), (3, (8, 4), False)]:
+        router.train(training)
+        ids = batch(B, L, seed)
+        out = router(torch.randn(B * L, D), tokens=token_info(ids))
+        ids_TN = out.expert_ids_TK.view(L, B, -1)
+        for t in range(L):
+            for b in range(B):
+                k = key_of(hash_type, ids, t, b)
+                e = tuple(ids_TN[t, b].tolist())
+                assert seen.setdefault(k, e) == e, (hash_type, k)
+        assert torch.equal(out.weights_TK, torch.ones_like(out.weights_TK))
+        assert out.aux_losses == {}
+    assert len(set(seen.values())) > 1  # not a constant map
+
+
+def test_formulas_match_plain_integer_arithmetic():
+    p, E8 = 1000003, 8
+    bigram = make("bigram", moe_expert_count=E8, hash_bigram_prime=p)
+    position = make("position", moe_expert_count=E8, hash_multi=2)
+    ids = batch(4, 30, seed=5)
+    tok = token_info(ids)
+    got_b = bigram(torch.randn(120, D), tokens=tok).expert_ids_TK[:, 0].view(30, 4)
+    got_p = position(torch.randn(120, D), tokens=tok).expert_ids_TK.view(30, 4, 2)
+    for t in range(30):
+        for b in range(4):
+            prev = int(ids[b, t - 1]) if t else PAD
+            assert int(got_b[t, b]) == (int(ids[b, t]) + p * prev) % E8
+            assert int(got_p[t, b, 0]) == t % E8
+            assert int(got_p[t, b, 1]) == (t + t // E8) % E8
+
+
+def test_bigram_primes_are_primes_with_fresh_residues():
+    ps = hashed.bigram_primes(1000003, 4, 8)
+    assert all(trial_division_is_prime(p) for p in ps) and ps[0] == 1000003
+    assert len({p % 8 for p in ps}) == 4  # 8 has 4 odd residues: all used
+    assert len(hashed.bigram_primes(7, 6, 4)) == 6  # more hashes than residues still works
+
+
+def trial_division_is_prime(n):
+    return n > 1 and all(n % k for k in range(2, int(n**0.5) + 1))
+
+
+@pytest.mark.parametrize("hash_type", ["random", "balanced", "previous", "oracle"])
+def test_table_depends_on_hash_seed_only(hash_type):
+    """One --hash-seed gives the same table under any global seed, and building it neither
+    reads nor advances the global RNG; another --hash-seed or layer gives another table."""
+    torch.manual_seed(1)
+    state = torch.get_rng_state()
+    a = make(hash_type, hash_seed=7, hash_multi=2).table_VN.clone()
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(2)
+    b = make(hash_type, hash_seed=7, hash_multi=2).table_VN
+    assert torch.equal(a, b)
+    assert not torch.equal(a[:, 0], a[:, 1])  # the MultiHash functions differ
+    if hash_type != "balanced":  # (balanced tables differ only in ties; checked below)
+        assert not torch.equal(a, make(hash_type, hash_seed=8, hash_multi=2).table_VN)
+        assert not torch.equal(a, make(hash_type, hash_seed=7, hash_multi=2, layer_index=3).table_VN)
+
+
+def test_random_table_is_uniform():
+    table = hashed.random_table(40000, 16, hashed.hash_generator(0, 0, 0))
+    counts = np.bincount(table.numpy(), minlength=16)
+    assert scipy.stats.chisquare(counts).pvalue > 1e-3
+
+
+def test_balanced_lpt_against_brute_force_optimum():
+    """LPT is within 4/3 of the best packing (Graham 1969); brute force over 3^9 packings."""
+    import itertools
+
+    rng = np.random.default_rng(0)
+    for trial in range(5):
+        counts = torch.tensor(rng.integers(1, 100, 9))
+        table = hashed.balanced_table(counts, 3, hashed.hash_generator(trial, 0, 0))
+        lpt = float(hashed.expected_load(table, counts, 3).max())
+        assign = np.array(list(itertools.product(range(3), repeat=9)))  # (3^9, 9)
+        loads = np.stack([(counts.numpy() * (assign == e)).sum(1) for e in range(3)], 1)
+        best = loads.max(1).min()
+        assert best <= lpt <= 4 / 3 * best + 1e-9
+
+
+def fairseq_counts(train_txt, dict_path):
+    """Token counts exactly as fairseq-preprocess builds and fairseq-train loads them."""
+    from fairseq.data import Dictionary
+    from fairseq.tokenizer import tokenize_line
+
+    d = Dictionary()
+    Dictionary.add_file_to_dictionary(str(train_txt), d, tokenize_line, 1)
+    d.finalize(threshold=-1, nwords=-1, padding_factor=8)
+    eos_count = d.count[d.eos()]  # known in memory; dict.txt does not keep it
+    d.save(str(dict_path))
+    loaded = Dictionary.load(str(dict_path))
+    return loaded, eos_count
+
+
+def balanced_loads(text_dir, tmp_path, experts):
+    d, eos_count = fairseq_counts(os.path.join(text_dir, "train.txt"), tmp_path / "dict.txt")
+    counts = torch.tensor(d.count, dtype=torch.long)
+    voc = VocabInfo(size=len(d), pad=d.pad(), eos=d.eos(), counts_V=counts)
+    table = make("balanced", moe_expert_count=experts, voc=voc).table_VN[:, 0]
+    load = hashed.expected_load(table, counts, experts)
+    # </s> (routed by the previous token) adds, per line, one token to the last word's expert
+    eos_load = torch.zeros(experts, dtype=torch.float64)
+    with open(os.path.join(text_dir, "train.txt")) as f:
+        for line in f:
+            words = line.split()
+            eos_load[table[d.index(words[-1]) if words else d.eos()]] += 1
+    assert float(eos_load.sum()) == eos_count - 1  # fairseq starts every special symbol at count 1
+    return load, load + eos_load
+
+
+def synthetic(tmp_path, *args):
+    out = tmp_path / "syn"
+    subprocess.run([sys.executable, os.path.join(ROOT, "data-prep", "synthetic.py"), "--out", str(out), *args],
+                   check=True, capture_output=True)
+    return str(out)
+
+
+@pytest.mark.parametrize("experts", [4, 8, 16])
+def test_balanced_table_load_small_synthetic_dictionary(tmp_path_factory, experts):
+    """Default synthetic config (vocabulary, domains, Zipf shape) with fewer training tokens."""
+    text = _small_syn(tmp_path_factory)
+    load, with_eos = balanced_loads(text, tmp_path_factory.mktemp("d"), experts)
+    assert float(load.max() / load.mean()) <= 1.05
+    assert float(with_eos.max() / with_eos.mean()) <= 1.05
+
+
+_SMALL = {}
+
+
+def _small_syn(tmp_path_factory):
+    if "dir" not in _SMALL:
+        _SMALL["dir"] = synthetic(tmp_path_factory.mktemp("syn"), "--train-tokens", "300000",
+                                  "--valid-tokens", "1000", "--test-tokens", "1000")
+    return _SMALL["dir"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experts", [4, 8, 16, 64])
+def test_balanced_table_load_default_synthetic_dictionary(tmp_path_factory, experts):
+    """The default synthetic corpus (python data-prep/synthetic.py --out DIR)."""
+    if "default" not in _SMALL:
+        _SMALL["default"] = synthetic(tmp_path_factory.mktemp("syndef"))
+    load, with_eos = balanced_loads(_SMALL["default"], tmp_path_factory.mktemp("d"), experts)
+    assert float(load.max() / load.mean()) <= 1.05
+    assert float(with_eos.max() / with_eos.mean()) <= 1.05
+
+
+# ---------------------------------------------------------------------------------------
+# Tables from files, oracle refusal, options
+# ---------------------------------------------------------------------------------------
+
+
+def test_table_file_is_used_and_state_dict_makes_it_unneeded(tmp_path):
+    path, table = table_file(tmp_path, multi=2)
+    r = make("dispersed", tmp_path, hash_table=path, hash_multi=2)
+    assert torch.equal(r.table_VN, table)
+    ids = batch()
+    want = r(torch.randn(21, D), tokens=token_info(ids)).expert_ids_TK
+    # a model rebuilt where the file no longer exists routes by the loaded state_dict
+    os.remove(path)
+    r2 = make("dispersed", tmp_path, hash_table=path, hash_multi=2)
+    with pytest.raises(ValueError, match="--hash-table"):
+        r2(torch.randn(21, D), tokens=token_info(ids))
+    r2.load_state_dict(r.state_dict())
+    assert torch.equal(r2(torch.randn(21, D), tokens=token_info(ids)).expert_ids_TK, want)
+
+
+@pytest.mark.parametrize("shape,experts,match", [((V + 1, 1), E, r"\(61, 1\) table"), ((V, 2), E, "--hash-multi"),
+                                                 ((V, 1), E + 3, r"allowed: 0\.\.3")])
+def test_bad_table_files_fail_at_build(tmp_path, shape, experts, match):
+    path = tmp_path / "bad.txt"
+    hashed.write_table_file(str(path), torch.randint(experts, shape), "")
+    with pytest.raises(ValueError, match=match):
+        make("clustered", tmp_path, hash_table=str(path))
+
+
+def test_oracle_refuses_inference(tmp_path):
+    r = make("oracle")
+    ids = batch()
+    tok = token_info(ids)
+    r(torch.randn(21, D), tokens=tok)  # training and validation: the next token is known
+    inc = TokenInfo(ids_T=tok.ids_T[:3], prev_ids_T=tok.prev_ids_T[:3], positions_T=tok.positions_T[:3],
+                    pad_mask_T=tok.pad_mask_T[:3], next_ids_T=None, incremental=True)
+    with pytest.raises(ValueError, match="oracle.*incremental decoding"):
+        r(torch.randn(3, D), tokens=inc)
+    with pytest.raises(ValueError, match="oracle.*prepared for inference"):
+        r.make_generation_fast_(name="x")
+    with pytest.raises(ValueError, match="oracle"):
+        r(torch.randn(21, D), tokens=tok)
+    make("random").make_generation_fast_()  # the other types accept inference
+
+
+@pytest.mark.parametrize("kw,option", [
+    ({"hash_type": "md5"}, "--hash-type"),
+    ({"moe_top_k": 2}, "--moe-top-k"),
+    ({"hash_multi": 0}, "--hash-multi"),
+    ({"hash_multi": 2, "moe_expert_parallel": True}, "--hash-multi"),
+    ({"hash_type": "clustered"}, "--hash-table"),
+    ({"hash_table": "x.txt"}, "--hash-table"),
+    ({"hash_bigram_prime": 12}, "--hash-bigram-prime"),
+    ({"hash_balanced_eos": "drop"}, "--hash-balanced-eos"),
+])
+def test_bad_options(kw, option):
+    cfg = router_cfg("hash", **kw)
+    with pytest.raises(ValueError, match=option):
+        config.validate(cfg)
+
+
+def test_balanced_needs_counts():
+    with pytest.raises(ValueError, match="balanced"):
+        make("balanced", voc=VocabInfo(size=V, pad=PAD, eos=EOS, counts_V=None))
+
+
+def test_stats_shares():
+    r = make("random", moe_expert_count=4)
+    ids = batch(pad_tail=3)
+    st = r(torch.randn(21, D), tokens=token_info(ids)).stats
+    shares = torch.stack([st[f"share_e{e}"] for e in range(4)])
+    assert float(shares.sum()) == pytest.approx(1.0)
+    torch.testing.assert_close(shares, st["tokens_per_expert"].double() / 18)
+    assert float(st["share_max"]) == float(shares.max()) and float(st["share_min"]) == float(shares.min())
+    big = make("random", moe_expert_count=32)(torch.randn(21, D), tokens=token_info(ids)).stats
+    assert "share_e0" not in big and "share_max" in big
+
+
+# ---------------------------------------------------------------------------------------
+# The expert computation against slow references
+# ---------------------------------------------------------------------------------------
+
+
+def layer_for(hash_type, multi=1, ffn=12, tmp_path=None, act="relu"):
+    kw = {"hash_multi": multi}
+    if hash_type in ("clustered", "dispersed"):
+        kw["hash_table"], _ = table_file(tmp_path, multi=multi)
+    cfg = router_cfg("hash", hash_type=hash_type, moe_expert_count=E, **kw)
+    config.validate(cfg)
+    torch.manual_seed(0)
+    return build_moe_layer(cfg, D, ffn, activation=act, vocab=vocab(), layer_index=0)
+
+
+def per_bucket_reference(x_TD, ids_T, bank):
+    """Gather the rows of each expert, run its FFN with F.linear, scatter back (pads: 0)."""
+    out = torch.zeros_like(x_TD)
+    for e in range(bank.num_experts):
+        rows = (ids_T == e).nonzero().squeeze(1)
+        h = bank.activation(F.linear(x_TD[rows], bank.w1_EDF[e].t(), bank.b1_EF[e]))
+        out = out.index_put((rows,), F.linear(h, bank.w2_EFD[e].t(), bank.b2_ED[e]))
+    return out
+
+
+@pytest.mark.parametrize("hash_type", ["random", "balanced", "bigram", "position", "previous", "oracle", "clustered"])
+def test_hash_layer_equals_per_bucket_loop(hash_type, tmp_path):
+    layer = layer_for(hash_type, tmp_path=tmp_path)
+    assert type(layer) is MoELayer
+    ids = batch(pad_tail=2)
+    tok = token_info(ids)
+    x = torch.randn(21, D, requires_grad=True)
+    y = layer(x, tokens=tok)
+    ids_T = layer.router(x, tokens=tok).expert_ids_TK[:, 0]
+    assert (ids_T[tok.pad_mask_T] == DROPPED).all()
+    x2 = x.detach().clone().requires_grad_(True)
+    ref = per_bucket_reference(x2, ids_T, layer.experts)
+    torch.testing.assert_close(y, ref)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x] + list(layer.experts.parameters()), g)
+    ref_grads = torch.autograd.grad(ref, [x2] + list(layer.experts.parameters()), g)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
+
+
+def multihash_reference(x_TD, ids_TN, bank):
+    """The MultiHash equations token by token (hashed.py docstring)."""
+    T, Dm = x_TD.shape
+    N = ids_TN.shape[1]
+    sF, sD = bank.ffn_dim // N, Dm // N
+    rows = []
+    for t in range(T):
+        if ids_TN[t, 0] < 0:
+            rows.append(torch.zeros(Dm))
+            continue
+        ks = [int(k) for k in ids_TN[t]]
+        h = torch.cat([x_TD[t] @ bank.w1_EDF[k][:, i * sF:(i + 1) * sF] + bank.b1_EF[k][i * sF:(i + 1) * sF]
+                       for i, k in enumerate(ks)])
+        h = bank.activation(h)
+        rows.append(torch.cat([h @ bank.w2_EFD[k][:, i * sD:(i + 1) * sD] + bank.b2_ED[k][i * sD:(i + 1) * sD]
+                               for i, k in enumerate(ks)]))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("hash_type,multi,act", [("random", 2, "relu"), ("balanced", 4, "gelu"), ("bigram", 2, "relu"),
+                                                 ("position", 4, "relu"), ("dispersed", 2, "relu")])
+def test_multihash_equals_per_token_equations(hash_type, multi, act, tmp_path):
+    layer = layer_for(hash_type, multi=multi, tmp_path=tmp_path, act=act)
+    assert isinstance(layer, MultiHashMoELayer)
+    ids = batch(pad_tail=2)
+    tok = token_info(ids)
+    x = torch.randn(21, D, requires_grad=True)
+    y = layer(x, tokens=tok)
+    ids_TN = layer.router(x, tokens=tok).expert_ids_TK
+    assert ids_TN.shape == (21, multi)
+    x2 = x.detach().clone().requires_grad_(True)
+    ref = multihash_reference(x2, ids_TN, layer.experts)
+    torch.testing.assert_close(y, ref)
+    g = torch.randn_like(y)
+    params = list(layer.experts.parameters())
+    for a, b in zip(torch.autograd.grad(y, [x] + params, g), torch.autograd.grad(ref, [x2] + params, g)):
+        torch.testing.assert_close(a, b)
+    st = layer.last_stats
+    assert int(st["tokens_per_expert"].sum()) == multi * int(st["num_tokens"])
+
+
+def test_multihash_with_one_hash_is_the_hash_layer():
+    bank = ExpertBank(E, D, 12)
+    x = torch.randn(21, D)
+    ids = torch.randint(E, (21, 1))
+    ids[-2:] = DROPPED
+    from moe_plugin.dispatch import LocalDispatcher
+
+    torch.testing.assert_close(multihash_ffn(x, ids, bank, LocalDispatcher(E), False),
+                               per_bucket_reference(x, ids[:, 0], bank))
+
+
+def test_multihash_needs_divisible_dims():
+    with pytest.raises(ValueError, match="--hash-multi"):
+        layer_for("random", multi=3, ffn=12)  # 3 does not divide D = 8
+
+
+# ---------------------------------------------------------------------------------------
+# Through fairseq: placement default, incremental decoding == full forward
+# ---------------------------------------------------------------------------------------
+
+SMALL = ["--decoder-layers", "3", "--decoder-embed-dim", "16", "--decoder-ffn-embed-dim", "32",
+         "--decoder-attention-heads", "2", "--decoder-input-dim", "16", "--decoder-output-dim", "16",
+         "--tokens-per-sample", "16", "--dropout", "0"]
+
+
+def build_fairseq(data_bin, *extra):
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(
+        parser, [data_bin, "--task", "language_modeling", "--user-dir", USER_DIR, "--arch", "hash_lm", "--cpu",
+                 "--criterion", "moe_cross_entropy", *SMALL, *map(str, extra)])
+    cfg = convert_namespace_to_omegaconf(args)
+    task = tasks.setup_task(cfg.task)
+    torch.manual_seed(0)
+    return task, task.build_model(cfg.model)
+
+
+def test_default_placement_is_one_layer(tiny_corpus):
+    from argparse import Namespace
+
+    # one MoE layer at floor(7 L / 11): the authors' layer 7 of 11; --moe-freq wins when given
+    for layers, want in [(11, "7"), (2, "1"), (4, "2"), (12, "7"), (24, "15"), (None, "3")]:
+        assert hashed._default_moe_layers(Namespace(decoder_layers=layers, moe_freq=None)) == want
+    assert hashed._default_moe_layers(Namespace(decoder_layers=4, moe_freq=1)) is None
+    _, data_bin = tiny_corpus
+    _, model = build_fairseq(data_bin)
+    assert [i for i, _ in model.moe_layers()] == [1]  # 3 layers
+    _, model = build_fairseq(data_bin, "--moe-layers", "0,2")
+    assert [i for i, _ in model.moe_layers()] == [0, 2]
+    # several layers draw different random tables
+    t0, t2 = (layer.router.table_VN for _, layer in model.moe_layers())
+    assert not torch.equal(t0, t2)
+
+
+# every type allowed in generation once; MultiHash on about half of them
+@pytest.mark.parametrize("hash_type,multi", [("random", 1), ("balanced", 2), ("bigram", 2), ("previous", 1),
+                                             ("position", 2), ("clustered", 1), ("dispersed", 2)])
+def test_incremental_decoding_equals_full_forward(tiny_corpus, tmp_path, hash_type, multi):
+    _, data_bin = tiny_corpus
+    n_vocab = sum(1 for _ in open(os.path.join(data_bin, "dict.txt"))) + 4
+    extra = ["--hash-type", hash_type, "--hash-multi", multi, "--moe-layers", "0,2", "--moe-expert-count", 4]
+    if hash_type in ("clustered", "dispersed"):
+        path, _ = table_file(tmp_path, size=n_vocab, experts=4, multi=multi)
+        extra += ["--hash-table", path]
+    task, model = build_fairseq(data_bin, *extra)
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    src = torch.randint(4, len(task.dictionary), (3, 12), generator=g)
+    src[1, 5] = task.dictionary.eos()  # </s> inside a sequence (balanced routes it by the previous token)
+    with torch.no_grad():
+        full = model(src)[0]
+        routed_full = [layer.router(torch.zeros(src.numel(), 16), tokens=_tokens(src, task)).expert_ids_TK
+                       for _, layer in model.moe_layers()]
+        state = {}
+        steps = []
+        routed_steps = [[] for _ in model.moe_layers()]
+        for t in range(src.shape[1]):
+            steps.append(model.decoder(src[:, : t + 1], incremental_state=state)[0])
+            for j, (_, layer) in enumerate(model.moe_layers()):
+                routed_steps[j].append(layer.last_stats["tokens_per_expert"])
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+    # the per-step loads add up to the full forward's load in every MoE layer
+    for j, ids in enumerate(routed_full):
+        assert torch.equal(torch.stack(routed_steps[j]).sum(0),
+                           torch.bincount(ids[ids >= 0], minlength=4))
+
+
+def _tokens(src, task):
+    return token_info(src, pad=task.dictionary.pad())
+
+
+def test_oracle_model_refuses_incremental_decoding(tiny_corpus):
+    _, data_bin = tiny_corpus
+    task, model = build_fairseq(data_bin, "--hash-type", "oracle")
+    model.eval()
+    src = torch.randint(4, len(task.dictionary), (2, 5))
+    with torch.no_grad():
+        model(src)  # full forward (validation) is allowed
+        with pytest.raises(ValueError, match="oracle"):
+            model.decoder(src[:, :1], incremental_state={})
