@@ -15,7 +15,7 @@ RUNTIME_DEPS := hydra-core==1.3.2 omegaconf==2.3.0 fairscale==0.4.13 sacrebleu b
 TEST_DEPS := pytest hypothesis
 DEMO_ARGS ?=
 
-.PHONY: install demo test test-all clean-demo
+.PHONY: install demo test test-all bench clean-demo
 
 install: $(STAMP)
 
@@ -46,3 +46,9 @@ test-all: install
 
 clean-demo:
 	rm -rf results/demo data/synthetic
+
+# Benchmarks (ratios to a baseline measured in the same run); numbers go to docs/performance.md
+bench: install
+	@mkdir -p results/bench
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) scripts/bench.py --suite layer,assignment,e2e \
+		--jsonl results/bench/bench.jsonl --markdown results/bench/summary.md

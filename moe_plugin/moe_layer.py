@@ -82,4 +82,10 @@ def build_moe_layer(
     )
     # a router may need its own expert computation (hash_lm's MultiHash): it returns the layer
     layer = router.make_layer(experts) if hasattr(router, "make_layer") else None
-    return layer if layer is not None else MoELayer(router, experts)
+    layer = layer if layer is not None else MoELayer(router, experts)
+    if getattr(cfg, "moe_expert_parallel", False):
+        # keep this rank's E/W experts, all-to-all dispatch (moe_plugin/parallel)
+        from moe_plugin.parallel import make_expert_parallel
+
+        make_expert_parallel(layer)
+    return layer

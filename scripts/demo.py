@@ -104,7 +104,7 @@ def main(argv=None):
         "--decoder-layers", str(args.layers), "--decoder-embed-dim", str(args.embed_dim),
         "--decoder-ffn-embed-dim", str(args.ffn_dim), "--decoder-attention-heads", "4",
         "--decoder-input-dim", str(args.embed_dim), "--decoder-output-dim", str(args.embed_dim),
-        "--share-decoder-input-output-embed", "--dropout", "0.1",
+        "--share-decoder-input-output-embed", "--decoder-normalize-before", "--dropout", "0.0",
         "--tokens-per-sample", str(args.tokens_per_sample), "--max-tokens", str(args.max_tokens),
         "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", str(args.lr),
         "--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(max(args.max_update // 10, 1)),

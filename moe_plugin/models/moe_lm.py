@@ -39,6 +39,7 @@ from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
 
 from moe_plugin import config as moe_config
 from moe_plugin.moe_layer import MoELayer, build_moe_layer
+from moe_plugin.parallel import fairseq_glue as ep_glue, layout as ep_layout
 from moe_plugin.routing import ARCHS, TokenInfo, VocabInfo
 
 
@@ -160,6 +161,21 @@ class MoETransformerDecoder(TransformerDecoder):
             layer = checkpoint_wrapper(layer, offload_to_cpu=cfg.offload_activations)
         return fsdp_wrap(layer, min_num_params=cfg.min_params_to_wrap if not cfg.checkpoint_activations else 0)
 
+    # --- BASE layers (moe_plugin/base_layer.py) ------------------------------------------
+    def build_output_projection(self, cfg, dictionary, embed_tokens):
+        """fairseq inserts its own BaseLayer (one expert per worker) here for --base-layers N;
+        moe_plugin hides N from it and inserts its own BASE layers at the same positions."""
+        from moe_plugin.base_layer import insert_base_layers
+
+        num_base = cfg.base_layers
+        cfg.base_layers = 0
+        try:
+            super().build_output_projection(cfg, dictionary, embed_tokens)
+        finally:
+            cfg.base_layers = num_base
+        insert_base_layers(self, cfg)
+    # --------------------------------------------------------------------------------------
+
     def extract_features(self, prev_output_tokens, encoder_out=None, incremental_state=None, **kwargs):
         self.token_context.set(prev_output_tokens, incremental=incremental_state is not None)
         try:
@@ -202,8 +218,25 @@ class MoELanguageModel(TransformerLanguageModel):
             embed_tokens = cls.build_embedding(args, dictionary, args.decoder_input_dim)
         if args.tie_adaptive_weights and not args.adaptive_input:
             raise ValueError("--tie-adaptive-weights: requires --adaptive-input")
-        decoder = MoETransformerDecoder(args, task.target_dictionary, embed_tokens, no_encoder_attn=True)
+        with ep_glue.decoder_base_layers(args):  # expert parallelism: moe_plugin/parallel/fairseq_glue.py
+            decoder = MoETransformerDecoder(args, task.target_dictionary, embed_tokens, no_encoder_attn=True)
         return cls(decoder)
+
+    # Checkpoint layout (expert count, router, which experts this rank holds): saved as the
+    # model's extra state, checked before any tensor is loaded (moe_plugin/parallel/layout.py).
+    def get_extra_state(self):
+        return ep_layout.model_layout(self)
+
+    def set_extra_state(self, state):
+        ep_layout.apply_layout(self, state)
+
+    def upgrade_state_dict_named(self, state_dict, name):
+        super().upgrade_state_dict_named(state_dict, name)
+        ep_layout.upgrade_state_dict(self, state_dict, name)
+
+    def set_num_updates(self, num_updates):
+        self.moe_last_update = int(num_updates)
+        super().set_num_updates(num_updates)
 
     def moe_layers(self) -> List[Tuple[int, MoELayer]]:
         """(decoder layer index, MoE layer) for every MoE layer, in depth order."""
@@ -228,6 +261,7 @@ def _make_arch(arch_name: str, router: str, defaults: dict):
             if getattr(args, f.name, None) is None and f.default is not None:
                 setattr(args, f.name, f.default)
         fairseq_base_lm_architecture(args)
+        ep_glue.prepare_args(args)
 
     arch.__name__ = f"{arch_name}_architecture"
     register_model_architecture("moe_lm", arch_name)(arch)

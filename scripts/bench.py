@@ -1,0 +1,278 @@
+#!/usr/bin/env python3
+"""Benchmarks: every number is a ratio to a baseline measured in the same run.
+
+  layer       forward+backward time of each router's MoE layer over the dense FFN of one
+              expert's size (D -> F -> D) on the same tokens: the physical limit of a top-1
+              layer is 1.0x, of a top-K layer K.0x. Also activation memory (bytes saved for
+              backward; on CUDA the peak allocated memory) over the dense FFN's.
+  assignment  BASE's balanced assignment vs fairseq.libbase and scipy (scripts/bench_assignment.py).
+  e2e         fairseq-train words/s of each MoE arch over transformer_lm of the same shape and
+              active compute (experts of size F/K), fixed updates, synthetic corpus.
+
+Output: JSON lines (one per measurement) on stdout or --jsonl FILE, and a markdown summary
+(--markdown FILE, also printed at the end). ``make bench`` runs the CPU default.
+
+  python scripts/bench.py --suite layer --T 2048,8192 --E 8,16,64
+  python scripts/bench.py --suite layer --device cuda --dtype bf16 --D 1024 --F 4096
+"""
+
+import argparse
+import json
+import logging
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+warnings.filterwarnings("ignore")
+logging.disable(logging.INFO)
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+
+def machine(device: str) -> str:
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {torch.get_num_threads()} threads (torch {torch.__version__})"
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_fn(fn, device, reps, warmup=2):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def activation_bytes(fn, device):
+    """Bytes saved for backward by one forward (CPU), or peak allocated memory (CUDA)."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        sync(device)
+        return torch.cuda.max_memory_allocated() - base
+    total = [0]
+    seen = set()
+
+    def pack(t):
+        key = (t.data_ptr(), t.numel(), t.dtype)
+        if key not in seen and t.data_ptr() != 0:
+            seen.add(key)
+            total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total[0]
+
+
+def layer_suite(args, emit):
+    from moe_plugin.config import MoEConfig
+    from moe_plugin.moe_layer import build_moe_layer
+    from moe_plugin.routing import ARCHS, ROUTER_REGISTRY, TokenInfo, VocabInfo
+
+    device, dtype = args.device, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    D, F = args.D, args.F
+    routers = sorted(ROUTER_REGISTRY) if args.routers == "all" else args.routers.split(",")
+    V = 1000
+    vocab = VocabInfo(size=V, pad=1, eos=2, counts_V=torch.randint(1, 1000, (V,)))
+    rows = []
+    for T in args.T:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(T, D, generator=g).to(device, dtype)
+        gy = torch.randn(T, D, generator=g).to(device, dtype)
+        B = 8
+        ids_BT = torch.randint(4, V, (B, T // B), generator=g)
+        tok = TokenInfo(
+            ids_T=ids_BT.t().reshape(-1).to(device),
+            prev_ids_T=torch.cat([ids_BT.new_ones(B, 1), ids_BT[:, :-1]], 1).t().reshape(-1).to(device),
+            positions_T=torch.arange(T // B).repeat_interleave(B).to(device),
+            pad_mask_T=torch.zeros(T, dtype=torch.bool, device=device),
+            next_ids_T=torch.cat([ids_BT[:, 1:], ids_BT.new_ones(B, 1)], 1).t().reshape(-1).to(device),
+        )
+        dense = nn.Sequential(nn.Linear(D, F), nn.ReLU(), nn.Linear(F, D)).to(device, dtype)
+        xd = x.clone().requires_grad_()
+
+        def run_dense():
+            dense(xd).backward(gy)
+
+        t_dense = time_fn(run_dense, device, args.reps)
+        m_dense = activation_bytes(lambda: dense(xd), device)
+        emit({"suite": "layer", "impl": "dense_ffn", "T": T, "D": D, "F": F, "seconds": t_dense, "ratio": 1.0,
+              "act_bytes": m_dense})
+        for E in args.E:
+            for name in routers:
+                defaults = next((d for a, (r, d) in ARCHS.items() if r == name), {})
+                values = {"moe_router": name, "moe_expert_count": E, **{k: v for k, v in defaults.items() if not callable(v)}}
+                values = {k: v for k, v in values.items() if k in MoEConfig.__dataclass_fields__}
+                try:
+                    cfg = MoEConfig(**values)
+                    torch.manual_seed(0)
+                    layer = build_moe_layer(cfg, D, F, vocab=vocab, layer_index=0).to(device, dtype).train()
+                except Exception as e:  # a router this harness cannot build: say so
+                    emit({"suite": "layer", "impl": name, "T": T, "E": E, "skipped": str(e)[:200]})
+                    continue
+                xm = x.clone().requires_grad_()
+
+                def run_moe():
+                    layer(xm, tokens=tok).backward(gy)
+
+                t = time_fn(run_moe, device, args.reps)
+                m = activation_bytes(lambda: layer(xm, tokens=tok), device)
+                k = getattr(layer.router, "top_k", 1)
+                row = {"suite": "layer", "impl": name, "T": T, "E": E, "K": k, "D": D, "F": F, "seconds": t,
+                       "ratio": t / t_dense, "act_ratio": m / max(m_dense, 1)}
+                emit(row)
+                rows.append(row)
+    return rows
+
+
+def assignment_suite(args, emit):
+    path = os.path.join(ROOT, "scripts", "bench_assignment.py")
+    if not os.path.exists(path):
+        emit({"suite": "assignment", "skipped": "scripts/bench_assignment.py is not there"})
+        return []
+    out = subprocess.run([sys.executable, path, "--jsonl"], capture_output=True, text=True, cwd=ROOT)
+    rows = []
+    for line in out.stdout.splitlines():
+        if line.startswith("{"):
+            row = json.loads(line)
+            row["suite"] = "assignment"
+            emit(row)
+            rows.append(row)
+    if out.returncode != 0:
+        emit({"suite": "assignment", "error": out.stderr[-500:]})
+    return rows
+
+
+def e2e_suite(args, emit):
+    from moe_plugin.routing import ARCHS, DEMO_ARGS
+
+    data = os.path.join(ROOT, "data", "bench")
+    data_bin = os.path.join(data, "data-bin")
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    if not os.path.exists(os.path.join(data_bin, "dict.txt")):
+        subprocess.run([sys.executable, "data-prep/synthetic.py", "--out", data, "--train-tokens", "600000"],
+                       check=True, cwd=ROOT, capture_output=True)
+        subprocess.run([sys.executable, "-m", "fairseq_cli.preprocess", "--only-source", "--trainpref",
+                        f"{data}/train.txt", "--validpref", f"{data}/valid.txt", "--destdir", data_bin,
+                        "--workers", "2"], check=True, cwd=ROOT, capture_output=True, env=env)
+    D, F = args.e2e_dim, 4 * args.e2e_dim
+    common = [data_bin, "--task", "language_modeling", "--user-dir", os.path.join(ROOT, "moe_plugin"),
+              "--criterion", "moe_cross_entropy", "--decoder-layers", "4", "--decoder-embed-dim", str(D),
+              "--decoder-input-dim", str(D), "--decoder-output-dim", str(D), "--decoder-ffn-embed-dim", str(F),
+              "--decoder-attention-heads", "4", "--tokens-per-sample", "256", "--max-tokens", "8192",
+              "--optimizer", "adam", "--lr", "1e-3", "--max-update", str(args.e2e_updates), "--log-format",
+              "simple", "--log-interval", "1000", "--no-save", "--disable-validation", "--seed", "1"]
+    if args.device == "cpu":
+        common.append("--cpu")
+    elif args.dtype != "fp32":
+        common.append("--" + args.dtype)
+    archs = ["transformer_lm"] + sorted(ARCHS) if args.archs == "all" else args.archs.split(",")
+    base_wps, rows = None, []
+    for arch in archs:
+        extra = []
+        if arch in ARCHS:
+            k = int(ARCHS[arch][1].get("moe_top_k", 1))
+            extra = ["--moe-expert-count", str(args.e2e_experts), "--moe-expert-ffn-dim", str(F // k),
+                     *DEMO_ARGS.get(arch, [])]
+        proc = subprocess.run([sys.executable, "-m", "fairseq_cli.train", *common, "--arch", arch, *extra],
+                              capture_output=True, text=True, cwd=ROOT, env=env)
+        m = re.findall(r"\| train \|.*?\| wps ([\d.]+)", proc.stdout + proc.stderr)
+        if proc.returncode != 0 or not m:
+            emit({"suite": "e2e", "arch": arch, "error": (proc.stdout + proc.stderr)[-400:]})
+            continue
+        wps = float(m[-1])
+        base_wps = base_wps or (wps if arch == "transformer_lm" else None)
+        row = {"suite": "e2e", "arch": arch, "wps": wps, "ratio": wps / base_wps if base_wps else None}
+        emit(row)
+        rows.append(row)
+    return rows
+
+
+def markdown(args, layer_rows, assign_rows, e2e_rows):
+    out = [f"Machine: {machine(args.device)}; dtype {args.dtype}.", ""]
+    if layer_rows:
+        out += [f"### MoE layer, forward+backward, time over the dense FFN (D={args.D}, F={args.F}); "
+                "activation memory ratio in parentheses", ""]
+        Es = sorted({r["E"] for r in layer_rows})
+        Ts = sorted({r["T"] for r in layer_rows})
+        head = "| router | K | " + " | ".join(f"T={T} E={E}" for T in Ts for E in Es) + " |"
+        out += [head, "|---|---:|" + "---:|" * (len(Ts) * len(Es))]
+        for name in sorted({r["impl"] for r in layer_rows}):
+            cells, k = [], "?"
+            for T in Ts:
+                for E in Es:
+                    r = next((r for r in layer_rows if r["impl"] == name and r["T"] == T and r["E"] == E), None)
+                    cells.append("-" if r is None else f"{r['ratio']:.2f}x ({r['act_ratio']:.1f})")
+                    k = r["K"] if r else k
+            out.append(f"| {name} | {k} | " + " | ".join(cells) + " |")
+        out.append("")
+    if e2e_rows:
+        out += ["### End to end: fairseq-train words/s over transformer_lm (same shape, same active compute)", "",
+                "| arch | words/s | ratio |", "|---|---:|---:|"]
+        for r in e2e_rows:
+            out.append(f"| {r['arch']} | {r['wps']:.0f} | {r['ratio']:.2f} |" if r["ratio"] else f"| {r['arch']} | {r['wps']:.0f} | - |")
+        out.append("")
+    if assign_rows:
+        out += ["### Balanced assignment: see scripts/bench_assignment.py (rows in the JSON lines)", ""]
+    return "\n".join(out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
+    p.add_argument("--suite", default="layer,e2e", help="comma-separated: layer, assignment, e2e")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--D", type=int, default=512)
+    p.add_argument("--F", type=int, default=2048)
+    p.add_argument("--T", type=ints, default=[2048, 8192])
+    p.add_argument("--E", type=ints, default=[8, 16, 64])
+    p.add_argument("--routers", default="all")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--archs", default="all")
+    p.add_argument("--e2e-dim", type=int, default=256)
+    p.add_argument("--e2e-experts", type=int, default=8)
+    p.add_argument("--e2e-updates", type=int, default=30)
+    p.add_argument("--jsonl", default=None)
+    p.add_argument("--markdown", default=None)
+    args = p.parse_args(argv)
+    sink = open(args.jsonl, "w") if args.jsonl else sys.stdout
+
+    def emit(row):
+        sink.write(json.dumps(row) + "\n")
+        sink.flush()
+
+    emit({"machine": machine(args.device), "args": {k: v for k, v in vars(args).items() if k not in ("jsonl", "markdown")}})
+    suites = args.suite.split(",")
+    layer_rows = layer_suite(args, emit) if "layer" in suites else []
+    assign_rows = assignment_suite(args, emit) if "assignment" in suites else []
+    e2e_rows = e2e_suite(args, emit) if "e2e" in suites else []
+    md = markdown(args, layer_rows, assign_rows, e2e_rows)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(md + "\n")
+    print(md, file=sys.stderr if sink is sys.stdout else sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

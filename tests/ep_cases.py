@@ -1,0 +1,257 @@
+"""Inputs and jobs of the distributed unit checks, shared by the worker ranks
+(tests/_ep_worker.py) and the test modules that compute the references.
+
+Every input is a pure function of fixed seeds, so the parent process rebuilds exactly
+what each rank saw. World size is 2 throughout (``W``).
+"""
+
+import dataclasses
+import datetime
+from typing import List, Tuple
+
+import torch
+
+W = 2
+
+# ----------------------------------------------------------------------------------------
+# all-to-all: SPLITS[case][src][dst] rows that rank src sends to rank dst
+# ----------------------------------------------------------------------------------------
+A2A_D = 3
+A2A_SPLITS = {
+    "uneven": [[2, 3], [1, 0]],
+    "rank0_sends_nothing": [[0, 0], [4, 1]],
+    "nothing_at_all": [[0, 0], [0, 0]],
+    "self_only": [[3, 0], [0, 2]],
+}
+
+
+def a2a_inputs(case: str, rank: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(rows rank sends (N, D), weights of the received rows (R, D) for the backward)."""
+    splits = A2A_SPLITS[case]
+    g = torch.Generator().manual_seed(1000 * list(A2A_SPLITS).index(case) + rank)
+    x = torch.randn(sum(splits[rank]), A2A_D, generator=g)
+    recv = sum(splits[src][rank] for src in range(W))
+    w = torch.randn(recv, A2A_D, generator=g)
+    return x, w
+
+
+def a2a_job(case):
+    def job(rank, world):
+        from moe_plugin.parallel import all_to_all
+
+        splits = A2A_SPLITS[case]
+        x, w = a2a_inputs(case, rank)
+        x.requires_grad_(True)
+        y = all_to_all(x, splits[rank], [splits[src][rank] for src in range(W)])
+        (y * w).sum().backward()
+        return {"y": y.detach(), "grad": x.grad.detach() if x.grad is not None else torch.zeros_like(x)}
+
+    return job
+
+
+# ----------------------------------------------------------------------------------------
+# dispatcher with fixed routing: E experts, K slots, experts y = x @ A_e
+# ----------------------------------------------------------------------------------------
+DISP_E, DISP_K, DISP_D = 4, 2, 3
+#: case -> per rank: (T tokens, kind of routing)
+DISP_CASES = {
+    "uneven": [(5, "random"), (4, "random")],
+    "rank0_sends_nothing_expert3_idle": [(3, "all_dropped"), (6, "no_expert3")],
+    "rank1_has_no_tokens": [(4, "random"), (0, "random")],
+}
+
+
+def disp_inputs(case: str, rank: int):
+    """(x_TD, expert_ids_TK with -1 drops, weights_TK, output weights g_TD)."""
+    T, kind = DISP_CASES[case][rank]
+    g = torch.Generator().manual_seed(77 + 100 * list(DISP_CASES).index(case) + rank)
+    x = torch.randn(T, DISP_D, generator=g)
+    ids = torch.stack([torch.randperm(DISP_E, generator=g)[:DISP_K] for _ in range(T)]) if T else torch.zeros(
+        0, DISP_K, dtype=torch.long
+    )
+    if kind == "all_dropped":
+        ids = torch.full_like(ids, -1)
+    elif kind == "no_expert3":
+        ids = torch.where(ids == 3, torch.full_like(ids, -1), ids)
+    if T:
+        ids[0, 1] = -1  # a dropped slot
+    wts = torch.rand(T, DISP_K, generator=g) * (ids >= 0)
+    out_w = torch.randn(T, DISP_D, generator=g)
+    return x, ids, wts, out_w
+
+
+def disp_experts() -> torch.Tensor:
+    """A_EDD: expert e maps a row x to x @ A_e."""
+    return torch.randn(DISP_E, DISP_D, DISP_D, generator=torch.Generator().manual_seed(5))
+
+
+def disp_job(case):
+    def job(rank, world):
+        from moe_plugin.parallel import ExpertParallelDispatcher
+
+        d = ExpertParallelDispatcher(DISP_E, world, rank)
+        first, stop = d.expert_range
+        A_local = disp_experts()[first:stop].clone().requires_grad_(True)
+        x, ids, wts, out_w = disp_inputs(case, rank)
+        x.requires_grad_(True)
+        x_RD, counts_L, plan = d.dispatch(x, ids)
+        chunks = torch.split(x_RD, counts_L.tolist())
+        y_RD = torch.cat([c @ A_local[l] for l, c in enumerate(chunks)] + [x_RD.new_zeros(0, DISP_D)])
+        y_RD = y_RD + 0.0 * A_local.sum()  # every expert in the graph, as ExpertBank does
+        out = d.combine(y_RD, wts, plan)
+        (out * out_w).sum().backward()
+        return {
+            "rows": x_RD.detach(),
+            "counts": counts_L,
+            "out": out.detach(),
+            "grad_x": x.grad.detach() if x.grad is not None else torch.zeros_like(x),
+            "grad_A": A_local.grad.detach(),
+        }
+
+    return job
+
+
+# ----------------------------------------------------------------------------------------
+# routers: an MoE layer per registered router, expert-parallel vs one process
+# ----------------------------------------------------------------------------------------
+R_D, R_F, R_E = 8, 16, 4
+#: (batch, length) of each rank's micro-batch
+R_SHAPES = [(3, 5), (2, 6)]
+
+
+#: extra layer kinds beside the routers: BASE's own layer (balanced router over a bank of
+#: residual sublayers with per-expert LayerNorms, moe_plugin/base_layer.py)
+EXTRA_LAYERS = {"base_layer": "balanced"}
+
+
+def layer_names() -> List[str]:
+    from tests.helpers import all_router_names
+
+    names = all_router_names()
+    return names + [k for k, router in EXTRA_LAYERS.items() if router in names]
+
+
+def router_config(name: str, expert_parallel: bool):
+    from tests.helpers import router_cfg
+
+    cfg = router_cfg(EXTRA_LAYERS.get(name, name), moe_expert_count=R_E)
+    return dataclasses.replace(cfg, moe_expert_parallel=expert_parallel)
+
+
+def router_inputs(rank: int):
+    """(x_TD, TokenInfo, output weights g_TD) of rank ``rank``'s micro-batch (with padding)."""
+    from tests.helpers import token_info
+
+    B, L = R_SHAPES[rank]
+    g = torch.Generator().manual_seed(300 + rank)
+    ids = torch.randint(4, 50, (B, L), generator=g)
+    ids[-1, -2:] = 1  # padding at the end of the last sequence
+    x = torch.randn(B * L, R_D, generator=g)
+    out_w = torch.randn(B * L, R_D, generator=g)
+    return x, token_info(ids), out_w
+
+
+def build_router_layer(name: str, expert_parallel: bool):
+    """The MoE layer (seeded: the expert-parallel one holds the same experts' slice)."""
+    from moe_plugin import config
+    from moe_plugin.moe_layer import build_moe_layer
+    from tests.helpers import vocab_info
+
+    cfg = router_config(name, expert_parallel)
+    config.validate(cfg)
+    torch.manual_seed(0)
+    if name == "base_layer":
+        from moe_plugin.base_layer import BaseLayer
+
+        layer = BaseLayer(cfg, R_D, R_F, num_sublayers=2, vocab=vocab_info(), layer_index=1).moe
+        first, stop = layer.dispatcher.expert_range if expert_parallel else (0, R_E)
+        with torch.no_grad():  # W2 starts at zero in BASE; make every expert do something
+            for i, p in enumerate(layer.experts.parameters()):
+                g = torch.Generator().manual_seed(i)
+                p.add_(0.1 * torch.randn((R_E,) + tuple(p.shape[1:]), generator=g)[first:stop])
+        return layer
+    return build_moe_layer(cfg, R_D, R_F, vocab=vocab_info(), layer_index=1)
+
+
+def micro_batch_loss(layer, rank: int, forward=None):
+    """Forward of rank ``rank``'s micro-batch -> (loss, output, aux values, tokens per expert).
+
+    loss = sum(out * g) + ntokens * sum(aux losses): moe_cross_entropy's form (aux losses
+    are per-token means, weighted by the sample size), with every aux weight 1.
+    """
+    x, tok, out_w = router_inputs(rank)
+    torch.manual_seed(1000 + rank)  # routers that draw random numbers draw the same ones
+    out = (forward or layer)(x, tokens=tok)
+    ntok = int((~tok.pad_mask_T).sum())
+    aux = {k: v for k, v in layer.last_aux_losses.items()}
+    loss = (out * out_w).sum() + ntok * sum(aux.values(), out.new_zeros(()))
+    return loss, out, aux, layer.last_stats["tokens_per_expert"], ntok
+
+
+def sample_size() -> int:
+    return sum(int((~router_inputs(r)[1].pad_mask_T).sum()) for r in range(W))
+
+
+def router_skip_reason(name: str):
+    """Why a router cannot run in expert-parallel mode here (its validate refuses), or None."""
+    from moe_plugin import config
+
+    try:
+        config.validate(router_config(name, True))
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def router_job(name):
+    def job(rank, world):
+        from fairseq.distributed.legacy_distributed_data_parallel import LegacyDistributedDataParallel
+
+        import torch.distributed as dist
+
+        reason = router_skip_reason(name)
+        if reason:
+            return {"skip": reason}
+        layer = build_router_layer(name, True)
+        params0 = {n: p.detach().clone() for n, p in layer.named_parameters()}
+        ddp = LegacyDistributedDataParallel(layer, dist.group.WORLD)
+        layer.train()
+        loss, out, aux, tpe, _ = micro_batch_loss(layer, rank, forward=ddp)
+        loss.backward()
+        # fairseq's trainer: all-reduce (skipping param.expert), then multiply by W / sample size
+        ddp.all_reduce_grads()
+        factor = world / sample_size()
+        for p in layer.parameters():
+            if p.grad is not None:
+                p.grad.mul_(factor)
+        grads = {n: p.grad.detach().clone() for n, p in layer.named_parameters() if p.grad is not None}
+        # fairseq's gradient norm (what --clip-norm clips by): max_norm 0 only measures it
+        from fairseq import utils as fairseq_utils
+
+        gnorm = float(fairseq_utils.clip_grad_norm_(list(layer.parameters()), 0.0))
+        layer.eval()
+        with torch.no_grad():
+            _, out_eval, _, _, _ = micro_batch_loss(layer, rank, forward=ddp)
+        return {
+            "out": out.detach(),
+            "out_eval": out_eval,
+            "aux": {k: float(v) for k, v in aux.items()},
+            "tokens_per_expert": tpe,
+            "grads": grads,
+            "gnorm": gnorm,
+            "params": params0,
+            "expert_flags": {n: hasattr(p, "expert") for n, p in layer.named_parameters()},
+            "expert_range": list(layer.dispatcher.expert_range),
+        }
+
+    return job
+
+
+def jobs() -> List[Tuple[str, object]]:
+    out = [(f"a2a/{c}", a2a_job(c)) for c in A2A_SPLITS]
+    out += [(f"dispatch/{c}", disp_job(c)) for c in DISP_CASES]
+    out += [(f"router/{n}", router_job(n)) for n in layer_names()]
+    return out
+
+
+TIMEOUT = datetime.timedelta(seconds=120)
