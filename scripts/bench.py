@@ -193,7 +193,7 @@ def e2e_suite(args, emit):
         if arch in ARCHS:
             k = int(ARCHS[arch][1].get("moe_top_k", 1))
             extra = ["--moe-expert-count", str(args.e2e_experts), "--moe-expert-ffn-dim", str(F // k),
-                     *DEMO_ARGS.get(arch, [])]
+                     *[a.format(max_update=args.e2e_updates) for a in DEMO_ARGS.get(arch, [])]]
         proc = subprocess.run([sys.executable, "-m", "fairseq_cli.train", *common, "--arch", arch, *extra],
                               capture_output=True, text=True, cwd=ROOT, env=env)
         m = re.findall(r"\| train \|.*?\| wps ([\d.]+)", proc.stdout + proc.stderr)

@@ -70,7 +70,7 @@ def main(argv=None):
     p.add_argument("--out", default=os.path.join(ROOT, "results", "demo"))
     p.add_argument("--data", default=os.path.join(ROOT, "data", "synthetic"))
     p.add_argument("--archs", default="all", help="comma-separated subset, default: transformer_lm + every registered arch")
-    p.add_argument("--max-update", type=int, default=300)
+    p.add_argument("--max-update", type=int, default=200)
     p.add_argument("--train-tokens", type=int, default=2_000_000)
     p.add_argument("--embed-dim", type=int, default=128)
     p.add_argument("--ffn-dim", type=int, default=512)
@@ -149,7 +149,8 @@ def run_arch(arch, args, py, data_bin, common, truth):
     if arch in ARCHS:
         k = int(ARCHS[arch][1].get("moe_top_k", 1))
         extra = ["--moe-expert-count", str(args.experts), "--moe-expert-ffn-dim", str(max(args.ffn_dim // k, 1))]
-        extra += DEMO_ARGS.get(arch, [])
+        # demo_args may name the run's length, e.g. a top-K schedule over "{max_update}" updates
+        extra += [a.format(max_update=args.max_update) for a in DEMO_ARGS.get(arch, [])]
     print(f"[demo] {arch}: training {args.max_update} updates", flush=True)
     log = sh([py, "-m", "fairseq_cli.train", *common, "--arch", arch, "--save-dir", save, *extra],
              os.path.join(args.out, f"train_{arch}.log"), echo_prefix=arch)

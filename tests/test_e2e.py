@@ -15,7 +15,8 @@ pytestmark = pytest.mark.e2e
 @pytest.mark.parametrize("arch", ["transformer_lm"] + sorted(ARCHS))
 def test_train_then_eval_lm(tiny_corpus, tmp_path, arch):
     text, data_bin = tiny_corpus
-    extra = [] if arch == "transformer_lm" else ["--moe-expert-count", "4", *DEMO_ARGS.get(arch, [])]
+    demo = [a.format(max_update=6) for a in DEMO_ARGS.get(arch, [])]
+    extra = [] if arch == "transformer_lm" else ["--moe-expert-count", "4", *demo]
     proc = run_cli("train", data_bin, *TINY_TRAIN, *TINY_MODEL, "--arch", arch, "--criterion", "moe_cross_entropy",
                    "--max-update", "6", "--save-dir", tmp_path, *extra)
     out = proc.stdout + proc.stderr

@@ -53,7 +53,7 @@ HYPERNET_INIT_STD = 0.02
 #: at K = 2, the K the demo sizes the experts for (F/2), so active compute matches gshard_lm.
 TOPK_DEMO_ARGS = [
     "--moe-top-k-schedule", "linear", "--moe-top-k-min", "1", "--moe-top-k-max", "3",
-    "--moe-top-k-schedule-updates", "300", "--moe-eval-top-k", "2",
+    "--moe-top-k-schedule-updates", "{max_update}", "--moe-eval-top-k", "2",
 ]
 #: the reference (FastMoE) never drops tokens
 TOPK_ARCH_DEFAULTS = {"moe_top_k": 2, "moe_capacity_factor": float("inf"), "moe_eval_capacity_factor": float("inf")}

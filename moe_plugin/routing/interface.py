@@ -126,7 +126,8 @@ def register_router(
 
     ``arch_defaults`` are the arch's defaults for MoE options (a user's flag wins);
     ``demo_args`` are extra fairseq-train flags ``make demo`` passes for the arch (the
-    demo trains every registered arch, so a new router joins it by registering).
+    demo trains every registered arch, so a new router joins it by registering); the demo
+    replaces ``{max_update}`` in them by its number of updates.
     """
 
     def wrap(cls: Type[Router]) -> Type[Router]:

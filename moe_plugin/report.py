@@ -1,0 +1,741 @@
+"""Tables and plots from fairseq train / eval logs, laid out like the papers' tables.
+
+``python -m moe_plugin.report RUN_DIR... [--out DIR]``
+
+A RUN_DIR is a directory holding a fairseq-train log (``train.log``: fairseq-train's
+output, any of its log formats: simple, json, hydra's, or ``--log-file``'s bare lines)
+and optionally fairseq-eval-lm logs (``eval_<name>.log``) and a ``run.json`` written by
+the reproduce scripts (``moe_plugin/reproduce.py``: label, arch, dataset, unit, which
+paper table). A directory with neither is searched recursively for run directories, so
+``python -m moe_plugin.report results/reproduce/hash_ablation/tiny`` reports a whole
+script. Writes ``report.md``, ``report.json`` and ``plots/*.png`` (matplotlib, Agg) into
+``--out`` (default: the single RUN_DIR, or the common parent of several):
+
+* a summary of every run (valid and test perplexity, or bits per character on
+  character-level data, words/s, load, dropped tokens, training time);
+* the paper-style tables of the reproduce scripts, with the papers' published numbers
+  beside ours where ROUTERS.md gives them (marked unverified where it says so);
+* valid perplexity against updates and against wall time, per group of runs;
+* expert load per layer over training (max/mean of the per-layer ``moe_l{i}_load_max``
+  train metric), one plot per MoE run;
+* the K sweep of ``scripts/sweep_topk.py`` (its ``topk_sweep.json`` in a sub-directory;
+  its table renderer and plot are reused) and the routing analyses of
+  ``python -m moe_plugin.analysis`` (``analysis.md`` in a sub-directory).
+
+Units: fairseq logs ``nll_loss`` in bits per token (``moe_cross_entropy`` divides by
+ln 2) and fairseq-eval-lm prints "Loss (base 2)"; on the character-level data-bins of
+``data-prep/charlevel.py`` one token is one character, so these are bits per character
+(BPC), and perplexity = 2^bits.
+"""
+
+import argparse
+import glob
+import json
+import math
+import os
+import re
+import statistics
+import sys
+from datetime import datetime
+from typing import Dict, List, Optional
+
+# ----------------------------------------------------------------------------------------
+# The papers' published numbers (ROUTERS.md)
+# ----------------------------------------------------------------------------------------
+
+PAPER = {
+    "base_throughput_quality": {
+        "source": "Lewis et al. 2021, Table 2: training tokens/s on 128 32GB V100 GPUs",
+        "verified": True,
+        "tokens_per_s": {"data_parallel": 600_000, "model_parallel_x2": 224_000, "top2": 292_000,
+                         "switch": 469_000, "base": 545_000, "base_x2": 475_000},
+    },
+    "hash_ablation": {
+        "source": "Roller et al. 2021, pushshift.io Reddit test perplexity (third-party transcription, unverified)",
+        "verified": False,
+        "ablation": {"balanced": 23.23, "random": 23.27, "dispersed": 23.22, "clustered": 23.99, "bigram": 24.28,
+                     "previous": 24.22, "position": 25.14, "oracle": 1.97},
+        "experts": {"hash": {64: 23.23, 128: 22.95}, "switch": {64: 23.73, 128: 23.58}},
+    },
+    "sam_k_quality": {
+        "source": "Jiang et al. 2021: no table could be read (ROUTERS.md section 3)",
+        "verified": False,
+    },
+    "hyperrouter_tables": {
+        "source": "Do et al. 2023 as re-run by a third party (ROUTERS.md section 4; unverified, K not stated)",
+        "verified": False,
+        "enwik8": {"dense": 1.166, "smoe": 1.307, "smoe_dropout": 1.262, "hyper": 1.141},
+        "wikitext-103": {"dense": 27.36, "smoe": 46.96, "smoe_dropout": 39.56, "hyper": 26.41},
+    },
+}
+#: the tiny scale's stand-ins for the papers' datasets (for the "published" column headers)
+STAND_IN = {"synthetic-bytes": "enwik8", "synthetic": "wikitext-103"}
+
+# ----------------------------------------------------------------------------------------
+# Log parsing
+# ----------------------------------------------------------------------------------------
+
+_TS_DEFAULT = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)")
+_TS_HYDRA = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d+)\]")
+_TAG_DEFAULT = re.compile(r"\| (?:INFO|WARNING) \| (train_inner|valid|train) \| (.*)$")
+_TAG_HYDRA = re.compile(r"\]\[(train_inner|valid|train)\]\[(?:INFO|WARNING)\] - (.*)$")
+_EVAL = re.compile(r"Loss \(base 2\): ([\d.]+), Perplexity: ([\d.]+)")
+_DONE = re.compile(r"done training in ([\d.]+) seconds")
+
+
+def _num(v):
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return v
+    return int(f) if f.is_integer() and "." not in str(v) and "e" not in str(v).lower() else f
+
+
+def _timestamp(line: str) -> Optional[float]:
+    m = _TS_HYDRA.match(line)
+    if m:
+        return datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S").timestamp() + int(m.group(2)) / 1000.0
+    m = _TS_DEFAULT.match(line)
+    if m:
+        return datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S").timestamp()
+    return None
+
+
+def _classify(line: str):
+    """(kind, body) of a fairseq progress line, kind in train_inner / valid / train; else None."""
+    for rx in (_TAG_DEFAULT, _TAG_HYDRA):
+        m = rx.search(line)
+        if m:
+            return m.group(1), m.group(2)
+    s = line.strip()
+    # --log-file's bare lines (no logger name): recognise them by their shape
+    if s.startswith("{") and s.endswith("}"):
+        try:
+            d = json.loads(s)
+        except ValueError:
+            return None
+        if any(k.startswith("valid_") for k in d):
+            return "valid", s
+        if any(k.startswith("train_") for k in d):
+            return "train", s
+        return ("train_inner", s) if "num_updates" in d or "update" in d else None
+    if re.match(r"^epoch \d+:\s+\d+ / \d+ ", s):
+        return "train_inner", s
+    if re.match(r"^epoch \d+ \| valid on ", s):
+        return "valid", s
+    if re.match(r"^epoch \d+ \| loss ", s):
+        return "train", s
+    return None
+
+
+def _parse_body(kind: str, body: str) -> Dict[str, object]:
+    body = body.strip()
+    out: Dict[str, object] = {}
+    if body.startswith("{"):
+        d = json.loads(body)
+        for k, v in d.items():
+            for prefix in ("valid_", "train_"):  # json format prefixes valid/train stats
+                if kind != "train_inner" and k.startswith(prefix):
+                    k = k[len(prefix):]
+                    break
+            out[k] = _num(v)
+        if kind == "valid":
+            out.setdefault("subset", "valid")
+        return out
+    m = re.match(r"epoch (\d+)", body)
+    if m:
+        out["epoch"] = int(m.group(1))
+    m = re.search(r"valid on '([^']+)' subset", body)
+    if m:
+        out["subset"] = m.group(1)
+    if kind == "train_inner" and "=" in body:
+        for k, v in re.findall(r"([A-Za-z_][\w]*)=([^,\s]+)", body):
+            out[k] = _num(v)
+    else:
+        for part in body.split(" | ")[1:]:
+            kv = part.strip().split(" ", 1)
+            if len(kv) == 2 and not kv[0].startswith("valid"):
+                out[kv[0]] = _num(kv[1].strip())
+    return out
+
+
+def parse_train_log(path: str) -> Dict[str, object]:
+    """train_inner / valid / train records of a fairseq-train log (dicts of numbers).
+
+    Every record has ``ts`` (seconds since the epoch) when the line has a timestamp.
+    Valid records get ``wall``: the ``wall`` of the last train_inner record before them
+    plus the time elapsed since it (fairseq prints no wall time on validation lines);
+    without timestamps, that train_inner record's ``wall``.
+    """
+    res = {"train_inner": [], "valid": [], "train": [], "done_seconds": None, "arch": None}
+    last_inner = None
+    with open(path, errors="replace") as f:
+        for line in f:
+            if res["arch"] is None:
+                m = re.search(r"'model': \{'_name': '([\w-]+)'", line) or re.search(r"\barch='([\w-]+)'", line)
+                if m:
+                    res["arch"] = m.group(1)
+            m = _DONE.search(line)
+            if m:
+                res["done_seconds"] = float(m.group(1))
+            c = _classify(line)
+            if c is None:
+                continue
+            kind, body = c
+            try:
+                rec = _parse_body(kind, body)
+            except ValueError:
+                continue
+            ts = _timestamp(line)
+            if ts is not None:
+                rec["ts"] = ts
+            if kind == "train_inner":
+                last_inner = rec
+            if kind == "valid" and last_inner is not None and "wall" in last_inner:
+                wall = float(last_inner["wall"])
+                if ts is not None and "ts" in last_inner:
+                    wall += ts - float(last_inner["ts"])
+                rec.setdefault("wall", wall)
+            res[kind].append(rec)
+    return res
+
+
+def parse_eval_log(path: str) -> Optional[Dict[str, float]]:
+    """{'loss_bits', 'ppl'} from fairseq-eval-lm's output, or None if it has no result."""
+    try:
+        with open(path, errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return None
+    m = _EVAL.findall(text)
+    if not m:
+        return None
+    return {"loss_bits": float(m[-1][0]), "ppl": float(m[-1][1])}
+
+
+# ----------------------------------------------------------------------------------------
+# Runs
+# ----------------------------------------------------------------------------------------
+
+
+def _mean_layers(rec: dict, name: str) -> Optional[float]:
+    vals = [float(v) for k, v in rec.items() if re.fullmatch(rf"moe_l\d+_{name}", k) and isinstance(v, (int, float))]
+    return sum(vals) / len(vals) if vals else None
+
+
+def load_run(run_dir: str) -> dict:
+    meta = {}
+    if os.path.exists(os.path.join(run_dir, "run.json")):
+        with open(os.path.join(run_dir, "run.json")) as f:
+            meta = json.load(f)
+    log = parse_train_log(os.path.join(run_dir, "train.log")) if os.path.exists(
+        os.path.join(run_dir, "train.log")) else {"train_inner": [], "valid": [], "train": [], "arch": None,
+                                                  "done_seconds": None}
+    name = meta.get("name") or os.path.basename(os.path.normpath(run_dir))
+    run = {
+        "dir": run_dir, "name": name, "label": meta.get("label") or name,
+        "arch": meta.get("arch") or log["arch"] or "?", "group": meta.get("group", "main"),
+        "script": meta.get("script"), "scale": meta.get("scale"), "dataset": meta.get("dataset", ""),
+        "dataset_label": meta.get("dataset_label", meta.get("dataset", "")), "unit": meta.get("unit", "ppl"),
+        "status": meta.get("status", "trained" if log["valid"] or log["train_inner"] else "not run"),
+        "meta": meta.get("meta", {}), "devices": meta.get("devices"), "launcher": meta.get("launcher"),
+        "order": meta.get("order", 0),
+        "log": log,
+    }
+    valid = [r for r in log["valid"] if r.get("subset", "valid") == "valid"]
+    run["valid_curve"] = [(int(r["num_updates"]), float(r.get("wall", float("nan"))), float(r["nll_loss"]),
+                           float(r["ppl"])) for r in valid if "num_updates" in r and "ppl" in r and "nll_loss" in r]
+    last = valid[-1] if valid else {}
+    run["valid_final"] = last
+    run["updates"] = int(last.get("num_updates", 0)) or (
+        int(log["train_inner"][-1].get("num_updates", 0)) if log["train_inner"] else 0)
+    inner = log["train_inner"]
+    wps = [float(r["wps"]) for r in inner[1:] if "wps" in r] or [float(r["wps"]) for r in inner if "wps" in r]
+    run["wps"] = statistics.median(wps) if wps else (float(log["train"][-1]["wps"]) if log["train"] and
+                                                       "wps" in log["train"][-1] else None)
+    walls = [float(r["wall"]) for r in inner + log["train"] if "wall" in r]
+    run["wall"] = max(walls) if walls else None
+    run["load_series"] = {}
+    for r in inner:
+        for k, v in r.items():
+            m = re.fullmatch(r"moe_l(\d+)_load_max", k)
+            if m and "num_updates" in r:
+                run["load_series"].setdefault(int(m.group(1)), []).append((int(r["num_updates"]), float(v)))
+    run["evals"] = {}
+    evals = meta.get("evals") or [{"name": os.path.basename(p)[5:-4], "label": os.path.basename(p)[5:-4],
+                                   "log": os.path.basename(p)} for p in sorted(glob.glob(os.path.join(run_dir,
+                                                                                                     "eval_*.log")))]
+    for ev in evals:
+        res = parse_eval_log(os.path.join(run_dir, ev["log"]))
+        if res is not None:
+            run["evals"][ev["name"]] = dict(res, label=ev.get("label", ev["name"]))
+    return run
+
+
+def find_run_dirs(paths: List[str]) -> List[str]:
+    out = []
+    for p in paths:
+        if not os.path.isdir(p):
+            raise SystemExit(f"{p}: not a directory")
+        if os.path.exists(os.path.join(p, "train.log")) or os.path.exists(os.path.join(p, "run.json")):
+            out.append(p)
+            continue
+        for root, dirs, files in os.walk(p):
+            dirs[:] = sorted(d for d in dirs if d not in ("checkpoints", "plots"))
+            if "train.log" in files or "run.json" in files:
+                out.append(root)
+                dirs[:] = []
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# Formatting helpers
+# ----------------------------------------------------------------------------------------
+
+
+def fmt(v, spec=".2f", none="-"):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return none
+    return format(v, spec)
+
+
+def metric_value(run: dict, kind: str = "valid", eval_name: str = "test") -> Optional[float]:
+    """The run's quality figure in its unit: perplexity, or bits per character."""
+    if kind == "valid":
+        v = run["valid_final"]
+        if not v:
+            return None
+        return float(v["nll_loss"]) if run["unit"] == "bpc" else float(v["ppl"])
+    ev = run["evals"].get(eval_name)
+    if ev is None:
+        return None
+    return ev["loss_bits"] if run["unit"] == "bpc" else ev["ppl"]
+
+
+def unit_name(unit: str) -> str:
+    return "BPC" if unit == "bpc" else "ppl"
+
+
+def value_at_wall(run: dict, t: float) -> Optional[float]:
+    """Valid figure (in the run's unit) linearly interpolated at wall time t (None outside)."""
+    pts = [(w, (nll if run["unit"] == "bpc" else ppl)) for (_u, w, nll, ppl) in run["valid_curve"] if not math.isnan(w)]
+    if not pts or t < pts[0][0] - 1e-9 or t > pts[-1][0] + 1e-9:
+        return None
+    for (w0, v0), (w1, v1) in zip(pts, pts[1:]):
+        if w0 <= t <= w1:
+            return v0 if w1 == w0 else v0 + (v1 - v0) * (t - w0) / (w1 - w0)
+    return pts[-1][1]
+
+
+def summary_table(runs: List[dict]) -> List[str]:
+    eval_names = []
+    for r in runs:
+        for n in r["evals"]:
+            if n not in eval_names:
+                eval_names.append(n)
+    head = ["run", "arch", "data", "updates", "valid"] + [f"{n}" for n in eval_names] + [
+        "words/s", "load max/mean (valid)", "% dropped (train)", "train time"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|" * (len(head) - 3)]
+    for r in runs:
+        if r["status"] == "not run":
+            lines.append(f"| {r['label']} | {r['arch']} | {r['dataset_label']} | not run | " + " | ".join(
+                ["-"] * (len(head) - 4)) + " |")
+            continue
+        u = unit_name(r["unit"])
+        cells = [r["label"], r["arch"], r["dataset_label"], str(r["updates"]),
+                 f"{fmt(metric_value(r), '.3f')} {u}"]
+        for n in eval_names:
+            ev = r["evals"].get(n)
+            cells.append(f"{fmt(metric_value(r, 'eval', n), '.3f')}" if ev else "-")
+        last_train = r["log"]["train"][-1] if r["log"]["train"] else {}
+        cells += [fmt(r["wps"], ".0f"), fmt(r["valid_final"].get("moe_load_max"), ".2f"),
+                  fmt(last_train.get("moe_dropped"), ".2f"), fmt(r["wall"], ".0f", "-") + " s"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------
+# Paper-style tables
+# ----------------------------------------------------------------------------------------
+
+
+def table_base(runs: List[dict]) -> List[str]:
+    paper = PAPER["base_throughput_quality"]
+    by_key = {r["meta"].get("paper_key"): r for r in runs if r["meta"].get("paper_key")}
+    dp = by_key.get("data_parallel")
+    dp_wps = dp["wps"] if dp and dp["wps"] else None
+    trained = [r for r in runs if r["status"] != "not run" and r["wall"]]
+    t_eq = min((r["valid_curve"][-1][1] for r in trained if r["valid_curve"]), default=None)
+    devices = next((r["devices"] for r in runs if r.get("devices")), None)
+    u = unit_name(runs[0]["unit"]) if runs else "ppl"
+    lines = [
+        f"### Training throughput and quality at equal budget (paper: {paper['source']})", "",
+        f"| Model | tokens/s (ours, {devices or '?'} device(s)) | vs data parallel (ours) | tokens/s (paper) | "
+        f"vs data parallel (paper) | valid {u} at equal updates | valid {u} at equal wall time "
+        f"({fmt(t_eq, '.0f')} s) | test {u} |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    order = [("data_parallel", "Data parallel (dense)"), ("model_parallel_x2", "Model parallel x2"),
+             ("top2", "Sparsely gated MoE (top-2)"), ("switch", "Switch"), ("base", "BASE"), ("base_x2", "BASE x2"),
+             ("base_x3", "BASE x3")]
+    for key, label in order:
+        r = by_key.get(key)
+        p = paper["tokens_per_s"].get(key)
+        p_rel = fmt(p / paper["tokens_per_s"]["data_parallel"], ".2f") if p else "-"
+        if r is None or r["status"] == "not run":
+            why = "not run (no model parallelism here)" if key == "model_parallel_x2" else "not run"
+            lines.append(f"| {label} | {why} | - | {fmt(p, ',.0f') if p else '-'} | {p_rel} | - | - | - |")
+            continue
+        rel = fmt(r["wps"] / dp_wps, ".2f") if dp_wps and r["wps"] else "-"
+        lines.append(
+            f"| {r['label']} | {fmt(r['wps'], ',.0f')} | {rel} | {fmt(p, ',.0f') if p else '-'} | {p_rel} | "
+            f"{fmt(metric_value(r), '.3f')} | {fmt(value_at_wall(r, t_eq), '.3f') if t_eq else '-'} | "
+            f"{fmt(metric_value(r, 'eval', 'test'), '.3f')} |")
+    lines += ["", "Throughput: median of fairseq's words/s over the train log's intervals (the first excluded). "
+              "Equal wall time: each validation curve linearly interpolated at the training time of the fastest "
+              "run. The paper gives perplexities only in plots (not transcribed).", ""]
+    return lines
+
+
+def table_hash(runs: List[dict]) -> List[str]:
+    paper = PAPER["hash_ablation"]
+    u = unit_name(runs[0]["unit"]) if runs else "ppl"
+    abl = [r for r in runs if r["group"] == "ablation"]
+    lines = [f"### Hash-function ablation ({len(abl)} runs)", "",
+             f"| Hash function | experts | valid {u} | test {u} | load max/mean (valid) | paper test ppl "
+             f"(Reddit; {'verified' if paper['verified'] else 'unverified'}) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in abl:
+        h = r["meta"].get("hash_type")
+        p = paper["ablation"].get(h) if h else None
+        if r["status"] == "not run":
+            lines.append(f"| {r['label']} | {r['meta'].get('experts', '-')} | not run | - | - | {fmt(p)} |")
+            continue
+        test = metric_value(r, "eval", "test")
+        note = " (eval-lm refuses the oracle)" if h == "oracle" else ""
+        lines.append(f"| {r['label']} | {r['meta'].get('experts', '-')} | {fmt(metric_value(r), '.3f')} | "
+                     f"{fmt(test, '.3f')}{note} | {fmt(r['valid_final'].get('moe_load_max'), '.2f')} | {fmt(p)} |")
+    exp_runs = [r for r in runs if r["meta"].get("experts") and r["meta"].get("router") in ("hash", "switch", "base")
+                and (r["group"] == "experts" or r["meta"].get("hash_type") == "balanced")]
+    Es = sorted({int(r["meta"]["experts"]) for r in exp_runs})
+    if Es:
+        pE = sorted({e for d in paper["experts"].values() for e in d})
+        lines += ["", "### Hash vs Switch vs BASE at two expert counts", "",
+                  "| Model | " + " | ".join(f"E={e}: test {u} (ours)" for e in Es) + " | " +
+                  " | ".join(f"paper E={e} (unverified)" for e in pE) + " |",
+                  "|---|" + "---:|" * (len(Es) + len(pE))]
+        for router, label in (("hash", "Hash (balanced)"), ("switch", "Switch"), ("base", "BASE")):
+            cells = []
+            for e in Es:
+                r = next((x for x in exp_runs if x["meta"]["router"] == router and int(x["meta"]["experts"]) == e),
+                         None)
+                cells.append("not run" if r is None or r["status"] == "not run" else
+                             fmt(metric_value(r, "eval", "test"), ".3f"))
+            pcells = [fmt(paper["experts"].get(router, {}).get(e)) for e in pE]
+            lines.append(f"| {label} | " + " | ".join(cells + pcells) + " |")
+    lines.append("")
+    return lines
+
+
+def table_sam(runs: List[dict]) -> List[str]:
+    u = unit_name(runs[0]["unit"]) if runs else "ppl"
+    lines = ["### Activated experts K vs quality: SAM vs Switch vs top-K", "",
+             f"| Model | K | groups | valid {u} | test {u} | words/s | tokens to another device per token | "
+             "flat top-K would send | chosen group holds the global top-K |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in runs:
+        m = r["meta"]
+        if r["status"] == "not run":
+            lines.append(f"| {r['label']} | {m.get('K', '-')} | {m.get('groups', '-')} | not run | - | - | - | - | - |")
+            continue
+        v = r["valid_final"]
+        # one group = one simulated device off expert parallelism: no traffic figure to show
+        simulated_single = m.get("groups") == 1 and not (r.get("devices") or 1) > 1
+        traffic = ["-", "-", "-"] if simulated_single else [
+            fmt(_mean_layers(v, "xdev_frac"), ".3f"), fmt(_mean_layers(v, "topk_xdev_frac"), ".3f"),
+            fmt(_mean_layers(v, "topk_in_group"), ".3f")]
+        lines.append(f"| {r['label']} | {m.get('K', '-')} | {m.get('groups', '-')} | {fmt(metric_value(r), '.3f')} | "
+                     f"{fmt(metric_value(r, 'eval', 'test'), '.3f')} | {fmt(r['wps'], ',.0f')} | "
+                     + " | ".join(traffic) + " |")
+    lines += ["", "Device traffic (means over MoE layers of the valid log): the SAM router's "
+              "`xdev_frac` / `topk_xdev_frac` / `topk_in_group` (moe_plugin/routing/sam.py; outside "
+              "expert-parallel runs simulated with one group per device, so one-group rows show none). "
+              f"Paper: {PAPER['sam_k_quality']['source']}.", ""]
+    return lines
+
+
+def table_hyper(runs: List[dict]) -> List[str]:
+    paper = PAPER["hyperrouter_tables"]
+    lines = []
+    datasets = []
+    for r in runs:
+        if r["dataset"] not in datasets:
+            datasets.append(r["dataset"])
+    for ds in datasets:
+        rs = [r for r in runs if r["dataset"] == ds]
+        u = unit_name(rs[0]["unit"])
+        E = next((r["meta"].get("experts") for r in rs if r["meta"].get("experts")), "E")
+        pkey = ds if ds in paper else STAND_IN.get(ds)
+        pnums = paper.get(pkey, {}) if pkey else {}
+        phead = (f"published {pkey} {'BPC' if pkey in ('enwik8', 'text8') else 'ppl'} (third-party re-run, "
+                 "unverified)") if pnums else "published"
+        lines += [f"### {rs[0]['dataset_label']} (test {u})", "",
+                  f"| Model | K=2 | K={E} | {phead} |", "|---|---:|---:|---:|"]
+        for kind, label in (("dense", "Dense"), ("smoe", "SMoE"), ("smoe_dropout", "SMoE-Dropout"),
+                            ("hyper", "HyperRouter")):
+            r = next((x for x in rs if x["meta"].get("kind") == kind), None)
+            p = fmt(pnums.get(kind), ".3f" if u == "BPC" or pkey in ("enwik8", "text8") else ".2f")
+            if r is None or r["status"] == "not run":
+                lines.append(f"| {label} | not run | - | {p} |")
+                continue
+            if kind == "dense":
+                v = metric_value(r, "eval", "test")
+                k2 = kE = fmt(v, ".3f")
+            else:
+                k2 = fmt(metric_value(r, "eval", "k2"), ".3f")
+                kE = fmt(metric_value(r, "eval", f"k{E}"), ".3f")
+            lines.append(f"| {label} | {k2} | {kE} | {p} |")
+        if ds in STAND_IN:
+            lines.append(f"\n(tiny scale: the synthetic corpus stands in for {STAND_IN[ds]}; the published column "
+                         "is the paper's dataset, not comparable in value)")
+        lines.append("")
+    return lines
+
+
+TABLES = {"base_throughput_quality": table_base, "hash_ablation": table_hash, "sam_k_quality": table_sam,
+          "hyperrouter_tables": table_hyper}
+
+# ----------------------------------------------------------------------------------------
+# Plots
+# ----------------------------------------------------------------------------------------
+
+
+def _plt():
+    import logging
+
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_valid(runs: List[dict], path: str, x: str, title: str) -> Optional[str]:
+    """Valid figure (ppl or BPC) against updates (x='updates') or wall seconds (x='wall')."""
+    pts_any = False
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for r in runs:
+        curve = r["valid_curve"]
+        if not curve:
+            continue
+        xs = [c[0] if x == "updates" else c[1] for c in curve]
+        ys = [c[2] if r["unit"] == "bpc" else c[3] for c in curve]
+        ok = [(a, b) for a, b in zip(xs, ys) if not math.isnan(a)]
+        if not ok:
+            continue
+        ax.plot([a for a, _ in ok], [b for _, b in ok], marker="o", markersize=3, label=r["label"])
+        pts_any = True
+    if not pts_any:
+        plt.close(fig)
+        return None
+    unit = runs[0]["unit"]
+    ax.set_xlabel("updates" if x == "updates" else "training wall time (s)")
+    ax.set_ylabel("valid bits per character" if unit == "bpc" else "valid perplexity")
+    all_y = [c[2] if r["unit"] == "bpc" else c[3] for r in runs for c in r["valid_curve"]]
+    if unit != "bpc" and all_y and min(all_y) > 0 and max(all_y) / min(all_y) > 5:
+        ax.set_yscale("log")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_load(run: dict, path: str) -> Optional[str]:
+    """Per-layer expert load (max/mean of tokens per expert) over training."""
+    if not run["load_series"]:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.0, 3.6))
+    for layer in sorted(run["load_series"]):
+        pts = run["load_series"][layer]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=f"layer {layer}")
+    ax.axhline(1.0, color="gray", linestyle="--", linewidth=0.8)
+    ax.set_xlabel("updates")
+    ax.set_ylabel("expert load max/mean")
+    ax.set_title(f"{run['label']}: expert load per layer (train)", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------------------
+# K sweep and routing analysis sections
+# ----------------------------------------------------------------------------------------
+
+
+def _sweep_module():
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(root, "scripts", "sweep_topk.py")
+    spec = importlib.util.spec_from_file_location("sweep_topk", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def sweep_section(sweep_json: str, plots_dir: str, unit: str = "ppl") -> List[str]:
+    """The K sweep of scripts/sweep_topk.py: its table (and, on character-level data, the same
+    in bits per character) and its plot, redrawn into plots/."""
+    with open(sweep_json) as f:
+        data = json.load(f)
+    ks, rows = data["ks"], data["rows"]
+    sweep = _sweep_module()
+    name = os.path.basename(os.path.dirname(sweep_json))
+    lines = [f"### K sweep: {name}", "", f"Perplexity at inference with K experts per token "
+             f"(scripts/sweep_topk.py; {os.path.relpath(sweep_json)}).", "", sweep.render_table(rows, ks), ""]
+    if unit == "bpc":
+        lines += ["Bits per character:", "", "| checkpoint | " + " | ".join(f"K={k}" for k in ks) + " |",
+                  "|---|" + "---:|" * len(ks)]
+        for r in rows:
+            cells = [fmt(r.get("fixed_loss"), ".3f") if not r["has_eval_k"] else fmt(r["loss"].get(str(k)), ".3f")
+                     for k in ks]
+            lines.append(f"| {r['label']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    png = os.path.join(plots_dir, f"topk_{name}.png")
+    sweep.plot(rows, ks, png, f"{name}: perplexity vs K at inference")
+    lines += [f"![K sweep {name}](plots/{os.path.basename(png)})", ""]
+    return lines
+
+
+def analysis_section(analysis_md: str) -> List[str]:
+    """The per-layer load and routing-change tables of an analysis.md (the rest linked)."""
+    with open(analysis_md) as f:
+        text = f.read()
+    keep, out = False, []
+    for line in text.splitlines():
+        if line.startswith("## "):
+            keep = line.startswith("## Load per layer") or line.startswith("## Routing change")
+            if keep:
+                out.append("##" + line)
+            continue
+        if keep:
+            out.append(line)
+    title = text.splitlines()[0].lstrip("# ") if text else analysis_md
+    return [f"### {title}", "", *out, f"Per-expert tokens: {os.path.relpath(analysis_md)}", ""]
+
+
+# ----------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------
+
+
+def build_report(run_dirs: List[str], out: str, title: str = "") -> str:
+    runs = [load_run(d) for d in run_dirs]
+    # the scripts' order (run.json "order"), then the directories' order
+    runs = [r for _, r in sorted(enumerate(runs), key=lambda ir: (ir[1]["script"] or "", ir[1]["order"], ir[0]))]
+    plots = os.path.join(out, "plots")
+    os.makedirs(plots, exist_ok=True)
+    scripts = sorted({r["script"] for r in runs if r["script"]})
+    scale = sorted({r["scale"] for r in runs if r["scale"]})
+    lines = [f"# {title or ('Reproduction report: ' + ', '.join(scripts) if scripts else 'Training report')}", ""]
+    if scale:
+        lines += [f"Scale: {', '.join(scale)}. Generated by `python -m moe_plugin.report` from the fairseq logs in "
+                  f"{', '.join(sorted({os.path.relpath(os.path.dirname(d)) for d in run_dirs}))}.", ""]
+    for script in scripts:
+        rs = [r for r in runs if r["script"] == script]
+        if script in TABLES and rs:
+            lines += [f"## {script}", ""] + TABLES[script](rs)
+    lines += ["## All runs", ""] + summary_table(runs) + [
+        "", "valid: last validation of the train log; test columns: fairseq-eval-lm (per evaluation); "
+        "BPC rows are bits per character. words/s: median over the train log's intervals.", ""]
+    # curves per group
+    groups = []
+    for r in runs:
+        key = (r["script"] or "", r["group"])
+        if key not in groups:
+            groups.append(key)
+    fig_lines = []
+    for script, group in groups:
+        rs = [r for r in runs if (r["script"] or "") == script and r["group"] == group]
+        units = {r["unit"] for r in rs}
+        for unit in sorted(units):
+            sub = [r for r in rs if r["unit"] == unit]
+            tag = "_".join(x for x in (script, group, unit if len(units) > 1 else "") if x) or "runs"
+            for x in ("updates", "wall"):
+                p = plot_valid(sub, os.path.join(plots, f"valid_vs_{x}_{tag}.png"), x,
+                               f"{script or 'runs'} / {group}: valid {unit_name(unit)} vs "
+                               f"{'updates' if x == 'updates' else 'wall time'}")
+                if p:
+                    fig_lines.append(f"![valid vs {x}: {tag}](plots/{os.path.basename(p)})")
+    load_lines = []
+    for r in runs:
+        p = plot_load(r, os.path.join(plots, f"load_{r['name']}.png"))
+        if p:
+            load_lines.append(f"![load {r['name']}](plots/{os.path.basename(p)})")
+    if fig_lines:
+        lines += ["## Validation curves", ""] + fig_lines + [""]
+    if load_lines:
+        lines += ["## Expert load per layer over training", "",
+                  "max/mean of the tokens per expert of each MoE layer (`moe_l{i}_load_max` of the train log; "
+                  "1.0 = perfectly balanced).", ""] + load_lines + [""]
+    # K sweeps and analyses anywhere under the report's inputs
+    roots = sorted({os.path.dirname(os.path.normpath(d)) for d in run_dirs} | {out})
+    sweeps, analyses = set(), set()
+    for root in roots:
+        sweeps.update(glob.glob(os.path.join(root, "*", "topk_sweep.json")))
+        analyses.update(glob.glob(os.path.join(root, "*", "analysis.md")))
+    if sweeps:
+        lines += ["## K sweep (experts per token at inference)", ""]
+        for s in sorted(sweeps):
+            unit = "ppl"
+            with open(s) as f:
+                ckpts = [row.get("checkpoint", "") for row in json.load(f)["rows"]]
+            root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # sweep_topk runs from here
+            paths = [p for c in ckpts for p in (os.path.abspath(c), os.path.join(root, c))]
+            for r in runs:
+                if any(p.startswith(os.path.abspath(r["dir"]) + os.sep) for p in paths):
+                    unit = r["unit"]
+            lines += sweep_section(s, plots, unit)
+    if analyses:
+        lines += ["## Routing analysis", ""]
+        for a in sorted(analyses):
+            lines += analysis_section(a)
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump([{k: v for k, v in r.items() if k != "log"} for r in runs], f, indent=1, default=str)
+    return text
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m moe_plugin.report", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dirs", nargs="+", help="run directories (or directories containing them)")
+    p.add_argument("--out", default=None, help="output directory (default: the RUN_DIR, or the common parent)")
+    p.add_argument("--title", default="")
+    p.add_argument("--quiet", action="store_true", help="do not print the report")
+    args = p.parse_args(argv)
+    dirs = find_run_dirs(args.run_dirs)
+    if not dirs:
+        raise SystemExit(f"no run directory (with train.log or run.json) under {args.run_dirs}")
+    out = args.out or (args.run_dirs[0] if len(args.run_dirs) == 1 else os.path.commonpath(
+        [os.path.abspath(d) for d in args.run_dirs]))
+    text = build_report(dirs, out, args.title)
+    if not args.quiet:
+        print(text)
+    print(f"[report] {len(dirs)} run(s) -> {os.path.join(out, 'report.md')} (+ report.json, plots/)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+#!/usr/bin/env python3
+"""BASE layers (Lewis et al., ICML 2021), Table 2 and the quality comparison.
+
+Training throughput of dense data-parallel, top-2 MoE (GShard), Switch, BASE, BASE x2 and
+BASE x3 (2 and 3 interleaved BASE layers), and their validation perplexity at an equal
+budget (the same number of updates of the same batch; the report also interpolates every
+curve at the wall time of the fastest run, the paper's "equal GPU time"). Then the
+routing analysis of BASE paper Table 1: each BASE expert's most frequent tokens and
+previous tokens, load entropy per layer, and how much the routing moved between the
+middle and the end of training (``python -m moe_plugin.analysis``).
+
+Scales: ``paper`` = the paper's model (d=2048, 24 layers, 16 heads, FFN 8192; BASE
+experts of 10 sublayers, 128 experts, one per GPU) on 128 GPUs (16 nodes x 8, Slurm),
+Adam with 2000 warm-up updates and linear decay, 2 sequences of 1024 tokens per GPU,
+8 accumulated micro-batches, clip 0.1, 2.5 days (``--stop-time-hours 60``), on
+WikiText-103 (the paper's 100B-token RoBERTa+CC100 corpus is not public in that form);
+``mini`` = one GPU, d=512, 6 layers, 8 experts, WikiText-103; ``tiny`` = CPU, d=64,
+4 layers, 8 experts, the synthetic corpus. Differences from the paper: docs/reproduction.md.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from moe_plugin import reproduce as R  # noqa: E402
+
+SCRIPT = "base_throughput_quality"
+
+SIZES = {
+    # d, layers, heads, ffn, experts, BASE sublayers of BASE / x2 / x3
+    "paper": dict(d=2048, layers=24, heads=16, ffn=8192, experts=128, sublayers=(10, 5, 3)),
+    "mini": dict(d=512, layers=6, heads=8, ffn=2048, experts=8, sublayers=(3, 2, 1)),
+    "tiny": dict(d=64, layers=4, heads=4, ffn=256, experts=8, sublayers=(2, 1, 1)),
+}
+
+
+def build_plan(scale, args):
+    sz = SIZES[scale]
+    if scale == "paper":
+        hp = R.hp_for(scale, args, lr=1e-4, lr_scheduler="polynomial_decay", updates=60000, stop_time_hours=60,
+                      validate_every=2000, save_every=10000)
+        dataset, adaptive = "wikitext-103", R.WT103_ADAPTIVE
+        launcher = R.launcher_for(scale, nodes=16, gpus_per_node=8)
+    elif scale == "mini":
+        hp = R.hp_for(scale, args, updates=3000, validate_every=300, save_every=1500)
+        dataset, adaptive = "wikitext-103", R.WT103_ADAPTIVE
+        launcher = R.launcher_for(scale)
+    else:
+        hp = R.hp_for(scale, args)
+        dataset, adaptive = "synthetic", None
+        launcher = R.launcher_for(scale)
+    E = sz["experts"]
+    model = R.model_flags(sz["d"], sz["layers"], sz["heads"], sz["ffn"], adaptive)
+    # expert parallelism at paper scale: one expert per GPU, as fairseq's BASE layers
+    ep = ["--moe-expert-parallel", "--ddp-backend", "legacy_ddp"] if scale == "paper" else []
+    moe = ["--moe-expert-count", str(E), "--moe-freq", "2"]
+    s1, s2, s3 = sz["sublayers"]
+    runs = [
+        R.Run("dense", "Data parallel (dense)", "transformer_lm", dataset, model,
+              meta=dict(paper_key="data_parallel")),
+        R.Run("top2", "Sparsely gated MoE (top-2)", "gshard_lm", dataset,
+              model + moe + ["--moe-capacity-factor", "1.0"] + ep, meta=dict(paper_key="top2", experts=E)),
+        R.Run("switch", "Switch (top-1)", "switch_lm", dataset,
+              model + moe + ["--moe-capacity-factor", "1.0"] + ep, meta=dict(paper_key="switch", experts=E)),
+        R.Run("base", "BASE", "base_lm", dataset,
+              model + ["--moe-expert-count", str(E), "--base-layers", "1", "--base-sublayers", str(s1)] + ep,
+              meta=dict(paper_key="base", experts=E)),
+        R.Run("base_x2", "BASE x2", "base_lm", dataset,
+              model + ["--moe-expert-count", str(E), "--base-layers", "2", "--base-sublayers", str(s2)] + ep,
+              meta=dict(paper_key="base_x2", experts=E)),
+        R.Run("base_x3", "BASE x3", "base_lm", dataset,
+              model + ["--moe-expert-count", str(E), "--base-layers", "3", "--base-sublayers", str(s3)] + ep,
+              meta=dict(paper_key="base_x3", experts=E)),
+    ]
+    datasets = {dataset: R.dataset_for(dataset, scale, args.data_root)}
+    plan = R.Plan(SCRIPT, scale, "BASE layers: training throughput and quality at equal budget (Lewis et al. 2021, "
+                  "Table 2)", runs, datasets, hp, launcher, device="cpu" if scale == "tiny" else "gpu", out=args.out)
+    out = args.out
+    if scale != "paper":  # per-rank expert shards at paper scale: reshard first (moe_plugin.reshard)
+        data_bin = datasets[dataset].data_bin
+        mid = f"checkpoint_*_{hp['save_every']}.pt"
+        for name in ("base", "switch"):
+            ckpt_dir = os.path.join(out, name, "checkpoints")
+            cmd = ["python", "-m", "moe_plugin.analysis", os.path.join(ckpt_dir, "checkpoint_last.pt"),
+                   "--data", data_bin, "--split", "valid", "--compare", os.path.join(ckpt_dir, mid),
+                   "--out", os.path.join(out, f"analysis_{name}")]
+            if scale == "tiny":
+                cmd.append("--cpu")
+            plan.post.append(R.Step("post", f"analysis_{name}", cmd,
+                                    log=os.path.join(out, f"analysis_{name}", "analysis.log"), needs=[name]))
+    plan.notes.append("throughput = fairseq's words/s (wps) of the train log; model-parallel x2 is not run "
+                      "(moe_plugin has no tensor model parallelism)")
+    return plan
+
+
+def main(argv=None):
+    return R.main(SCRIPT, build_plan, __doc__, argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+#!/usr/bin/env python3
+"""HyperRouter (Do et al., EMNLP 2023): dense, SMoE, SMoE-Dropout and HyperRouter on enwik8 and
+text8 (bits per character) and WikiText-103 (perplexity), evaluated with K = 2 and K = E
+experts per token, plus the K sweep (the paper's inference-efficiency figure).
+
+Runs per dataset: dense ``transformer_lm`` with FFN E*F (the reference's dense baseline,
+hidden 8192 = 16 x 512); SMoE = a learned softmax router with top-2 (sam_lm with one group
+and ``--sam-renormalize``, i.e. softmax over the two chosen logits, FastMoE's gate; no
+token dropping); SMoE-Dropout (``smoe_dropout_lm``: frozen random router) and HyperRouter
+(``hyper_lm``: frozen hypernetwork, trainable embedding), both with K rising linearly from
+E/2 to E over training (the reference scripts: 8 -> 16). Evaluation: fairseq-eval-lm on
+the test split with ``--model-overrides "{'moe_eval_top_k': K}"`` (``{'moe_top_k': K}``
+for the SMoE row); then ``scripts/sweep_topk.py`` over K in {1, 2, 4, 8, 16}.
+
+Scales: ``paper`` = the reference's Transformer-XL-sized model in fairseq's transformer_lm
+(4 layers, d=256, 8 heads, 16 experts of hidden 512 in every layer), Adam 2.5e-4 with a
+cosine schedule, 400k updates of 22 x 512 tokens, clip 0.25, on 2 GPUs of one node
+(torchrun; the GPU count is not given: our choice), enwik8 + text8 + WikiText-103;
+``mini`` = one GPU, the same model, 3000 updates, enwik8 + WikiText-103, the sweep on
+enwik8; ``tiny`` = CPU, d=64, 2 layers, 8 experts of hidden 64, the synthetic corpus as
+words (ppl) and as bytes (BPC, enwik8's format). Differences (Transformer-XL's recurrence
+memory and relative positions are not in fairseq's transformer_lm, ...):
+docs/reproduction.md.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from moe_plugin import reproduce as R  # noqa: E402
+
+SCRIPT = "hyperrouter_tables"
+SIZES = {
+    "paper": dict(d=256, layers=4, heads=8, expert_ffn=512, experts=16),
+    "mini": dict(d=256, layers=4, heads=8, expert_ffn=512, experts=16),
+    "tiny": dict(d=64, layers=2, heads=4, expert_ffn=64, experts=8),
+}
+DATASETS = {
+    "paper": ("enwik8", "text8", "wikitext-103"),
+    "mini": ("enwik8", "wikitext-103"),
+    "tiny": ("synthetic-bytes", "synthetic"),
+}
+SWEEP_DATASETS = {"paper": DATASETS["paper"], "mini": ("enwik8",), "tiny": DATASETS["tiny"]}
+#: Transformer-XL's WikiText-103 adaptive softmax (cutoffs, div_val 1 = factor 1)
+TXL_WT103_ADAPTIVE = ("20000,40000,200000", 1.0)
+SHORT = {"enwik8": "enwik8", "text8": "text8", "wikitext-103": "wt103", "synthetic": "syn",
+         "synthetic-bytes": "synbytes"}
+
+
+def build_plan(scale, args):
+    sz = SIZES[scale]
+    E, F, d = sz["experts"], sz["expert_ffn"], sz["d"]
+    if scale == "paper":
+        hp = R.hp_for(scale, args, tokens_per_sample=512, max_tokens=11 * 512, update_freq=1, lr=2.5e-4, warmup=0,
+                      lr_scheduler="cosine", updates=400000, clip_norm=0.25, validate_every=4000,
+                      save_every=200000)
+        launcher = R.launcher_for(scale, nodes=1, gpus_per_node=2)
+    elif scale == "mini":
+        hp = R.hp_for(scale, args, tokens_per_sample=512, max_tokens=22 * 512, lr=2.5e-4, warmup=0, lr_scheduler="cosine",
+                      updates=3000, clip_norm=0.25, validate_every=300, save_every=1500)
+        launcher = R.launcher_for(scale)
+    else:
+        hp = R.hp_for(scale, args, updates=150)
+        launcher = R.launcher_for(scale)
+    U = int(hp["updates"])
+    schedule = ["--moe-top-k-schedule", "linear", "--moe-top-k-min", str(E // 2), "--moe-top-k-max", str(E),
+                "--moe-top-k-schedule-updates", str(U)]
+    moe_common = ["--moe-expert-count", str(E), "--moe-freq", "1", "--moe-expert-ffn-dim", str(F),
+                  "--moe-capacity-factor", "inf", "--moe-eval-capacity-factor", "inf"]
+    runs, datasets = [], {}
+    for ds in DATASETS[scale]:
+        datasets[ds] = R.dataset_for(ds, scale, args.data_root)
+        adaptive = TXL_WT103_ADAPTIVE if ds == "wikitext-103" else None
+        short = SHORT[ds]
+        moe_model = R.model_flags(d, sz["layers"], sz["heads"], F, adaptive)
+        dense_model = R.model_flags(d, sz["layers"], sz["heads"], E * F, adaptive)
+
+        def evals(key):
+            return [R.EvalSpec(f"k{k}", "test", {key: k}, f"K={k}") for k in (2, E)]
+
+        runs += [
+            R.Run(f"dense_{short}", "Dense", "transformer_lm", ds, dense_model, group=ds,
+                  meta=dict(kind="dense", experts=E)),
+            R.Run(f"smoe_{short}", "SMoE", "sam_lm", ds,
+                  moe_model + moe_common + ["--sam-groups", "1", "--sam-renormalize", "--moe-top-k", "2"],
+                  group=ds, evals=evals("moe_top_k"), meta=dict(kind="smoe", experts=E)),
+            R.Run(f"smoe_dropout_{short}", "SMoE-Dropout", "smoe_dropout_lm", ds, moe_model + moe_common + schedule,
+                  group=ds, evals=evals("moe_eval_top_k"), meta=dict(kind="smoe_dropout", experts=E)),
+            R.Run(f"hyper_{short}", "HyperRouter", "hyper_lm", ds, moe_model + moe_common + schedule,
+                  group=ds, evals=evals("moe_eval_top_k"), meta=dict(kind="hyper", experts=E)),
+        ]
+    plan = R.Plan(SCRIPT, scale, "HyperRouter: dense, SMoE, SMoE-Dropout, HyperRouter at K=2 and K=E, "
+                  "and the K sweep (Do et al. 2023)", runs, datasets, hp, launcher,
+                  device="cpu" if scale == "tiny" else "gpu", out=args.out)
+    out = args.out
+    ks = ",".join(str(k) for k in (1, 2, 4, 8, 16) if k <= E)
+    for ds in SWEEP_DATASETS[scale]:
+        short = SHORT[ds]
+        names = [f"hyper_{short}", f"smoe_dropout_{short}", f"smoe_{short}", f"dense_{short}"]
+        ckpts = [f"{n.rsplit('_', 1)[0]}={R.checkpoint_path(plan, plan.run_named(n))}" for n in names]
+        cmd = ["python", "scripts/sweep_topk.py", datasets[ds].data_bin, *ckpts, "--out",
+               os.path.join(out, f"sweep_{short}"), "--ks", ks, "--gen-subset", "test",
+               "--title", f"{datasets[ds].label}: perplexity vs experts per token at inference"]
+        if scale != "tiny":
+            cmd.append("--no-cpu")
+        cmd += ["--", *R.eval_lm_tail_args(plan)]
+        plan.post.append(R.Step("post", f"sweep_{short}", cmd, log=os.path.join(out, f"sweep_{short}", "sweep.log"),
+                                needs=names))
+    plan.notes.append(f"E={E} experts of hidden {F} in every layer; dense FFN {E * F}; SMoE-Dropout/HyperRouter "
+                      f"K {E // 2} -> {E} linearly over {U} updates; BPC = fairseq-eval-lm's loss in bits per "
+                      "character token")
+    return plan
+
+
+def main(argv=None):
+    return R.main(SCRIPT, build_plan, __doc__, argv)
+
+
+if __name__ == "__main__":
+    main()
