@@ -44,28 +44,17 @@ prepare_charlevel() {
         esac
     done
     [[ ${#urls[@]} -gt 0 ]] || urls=("${URLS[@]}")
-    if [[ -f "$out/data-bin/dict.txt" && $force -eq 0 ]]; then
-        log "$out/data-bin already prepared (--force to redo)"
-        return 0
-    fi
+    if already_prepared "$out" "$force"; then return 0; fi
     mkdir -p "$out/raw"
 
-    # 1. the archive or the corpus file
-    local src
-    if [[ -n "$local_path" ]]; then
-        [[ -e "$local_path" ]] || die "--local $local_path: no such file"
-        if [[ -d "$local_path" ]]; then
-            if [[ -f "$local_path/$NAME" ]]; then src="$local_path/$NAME"
-            elif [[ -f "$local_path/$ARCHIVE" ]]; then src="$local_path/$ARCHIVE"
-            else die "--local $local_path: directory has neither $NAME nor $ARCHIVE"; fi
-        else
-            src="$local_path"
-        fi
-        log "using the local copy $src (no download)"
-    else
-        src="$out/raw/$ARCHIVE"
-        fetch "$src" "${urls[@]}"
+    # 1. the archive or the corpus file (a local directory: the one of the two it holds)
+    if [[ -d "$local_path" ]]; then
+        if [[ -f "$local_path/$NAME" ]]; then local_path="$local_path/$NAME"
+        elif [[ -f "$local_path/$ARCHIVE" ]]; then local_path="$local_path/$ARCHIVE"
+        else die "--local $local_path: directory has neither $NAME nor $ARCHIVE"; fi
     fi
+    local_or_fetch "$local_path" "$out/raw/$ARCHIVE" "${urls[@]}"
+    local src="$SRC"
 
     # 2. the corpus itself (extracted from the zip when needed), checksum
     local corpus="$out/raw/$NAME"

@@ -6,6 +6,9 @@
 #                    this machine and how to pass a local copy (--local PATH).
 # verify FILE HEX    checks a checksum; the algorithm follows from the length of HEX
 #                    (32 md5, 40 sha1, 64 sha256).
+# already_prepared OUT FORCE   true (and says so) when OUT/data-bin exists and FORCE is 0.
+# local_or_fetch LOCAL DEST URL...   sets SRC to LOCAL (which must exist) or, with no LOCAL,
+#                    to DEST, fetched from the URLs.
 
 set -euo pipefail
 
@@ -94,6 +97,29 @@ $(printf '    %s\n' "${tried[@]}")
   Download the file on a machine that has it, copy it here, and run:
       $0 --local /path/to/$(basename "$dest")
   (a partial download, if any, is kept as $part and resumes on the next run)."
+}
+
+# already_prepared OUT FORCE: OUT/data-bin is there and FORCE is 0 (and it says so)
+already_prepared() {
+    if [[ -f "$1/data-bin/dict.txt" && $2 -eq 0 ]]; then
+        log "$1/data-bin already prepared (--force to redo)"
+        return 0
+    fi
+    return 1
+}
+
+# local_or_fetch LOCAL DEST URL...: SRC=LOCAL when given (it must exist), else DEST downloaded
+# from the first URL that works
+local_or_fetch() {
+    local local_path="$1" dest="$2"; shift 2
+    if [[ -n "$local_path" ]]; then
+        [[ -e "$local_path" ]] || die "--local $local_path: no such file or directory"
+        SRC="$local_path"
+        log "using the local copy $SRC (no download)"
+    else
+        SRC="$dest"
+        fetch "$dest" "$@"
+    fi
 }
 
 # run fairseq-preprocess with this repo's Python

@@ -49,25 +49,15 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 [[ ${#urls[@]} -gt 0 ]] || urls=("${URLS[@]}")
-if [[ -f "$out/data-bin/dict.txt" && $force -eq 0 ]]; then
-    log "$out/data-bin already prepared (--force to redo)"
-    exit 0
-fi
+if already_prepared "$out" "$force"; then exit 0; fi
 mkdir -p "$out/raw"
 
 # 1. archive or directory
-src=""
-if [[ -n "$local_path" ]]; then
-    [[ -e "$local_path" ]] || die "--local $local_path: no such file or directory"
-    src="$local_path"
-    log "using the local copy $src (no download)"
-else
-    src="$out/raw/$ARCHIVE"
-    fetch "$src" "${urls[@]}"
-    if [[ $no_check -eq 0 && "$(checksum "$src" sha1)" != "$ARCHIVE_SHA1" ]]; then
-        # a mirror may re-pack the archive: the three files' own checksums below decide
-        log "note: $ARCHIVE's sha1 is not the original archive's ($ARCHIVE_SHA1); checking its files"
-    fi
+local_or_fetch "$local_path" "$out/raw/$ARCHIVE" "${urls[@]}"
+src="$SRC"
+if [[ -z "$local_path" && $no_check -eq 0 && "$(checksum "$src" sha1)" != "$ARCHIVE_SHA1" ]]; then
+    # a mirror may re-pack the archive: the three files' own checksums below decide
+    log "note: $ARCHIVE's sha1 is not the original archive's ($ARCHIVE_SHA1); checking its files"
 fi
 
 # 2. the three token files

@@ -39,7 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F_
 
-from moe_plugin.experts import ExpertBank
+from moe_plugin.experts import ExpertBank, expert_of_rows
 from moe_plugin.moe_layer import MoELayer
 from moe_plugin.routing import ROUTER_REGISTRY, TokenInfo, VocabInfo, build_router
 
@@ -81,14 +81,15 @@ class BaseSublayerBank(nn.Module):
         if N == 0:
             # keep every parameter in the graph (distributed gradient reduction)
             return x_ND.new_zeros(0, D) + 0.0 * sum(p.sum() for p in self.parameters())
-        expert_N = torch.repeat_interleave(
-            torch.arange(self.num_experts, device=x_ND.device), counts_E, output_size=N
-        )
+        # tail rows (dropped slots, sorted last) borrow the last expert's LayerNorm; the
+        # banks give them zero output and zero gradient
+        expert_N = expert_of_rows(counts_E, N).clamp(max=self.num_experts - 1)
         h_ND = x_ND
         delta_ND = None
         for s, bank in enumerate(self.ffns):
             z_ND = F_.layer_norm(h_ND, (D,), eps=1e-5)
-            z_ND = z_ND * self.ln_weight_ESD[expert_N, s].to(z_ND.dtype) + self.ln_bias_ESD[expert_N, s].to(z_ND.dtype)
+            ln_w_ND = self.ln_weight_ESD[:, s].index_select(0, expert_N).to(z_ND.dtype)
+            z_ND = torch.addcmul(self.ln_bias_ESD[:, s].index_select(0, expert_N).to(z_ND.dtype), z_ND, ln_w_ND)
             u_ND = bank(z_ND, counts_E)
             delta_ND = u_ND if delta_ND is None else delta_ND + u_ND
             h_ND = x_ND + delta_ND
@@ -97,14 +98,16 @@ class BaseSublayerBank(nn.Module):
     def forward_loop(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """The slow obvious reference: a Python loop over experts and sublayers."""
         out = []
-        for e, x in enumerate(torch.split(x_ND, counts_E.tolist())):
+        n = int(counts_E.sum())
+        for e, x in enumerate(torch.split(x_ND[:n], counts_E.tolist())):
             h = x
             for s, bank in enumerate(self.ffns):
                 z = F_.layer_norm(h, (self.model_dim,), self.ln_weight_ESD[e, s], self.ln_bias_ESD[e, s], eps=1e-5)
                 z = bank.activation(z @ bank.w1_EDF[e] + bank.b1_EF[e])
                 h = h + z @ bank.w2_EFD[e] + bank.b2_ED[e]
             out.append(h - x)
-        return torch.cat(out, 0) if out else x_ND.new_zeros(0, self.model_dim)
+        out.append(x_ND.new_zeros(x_ND.shape[0] - n, self.model_dim))  # the tail
+        return torch.cat(out, 0)
 
 
 class BaseLayer(nn.Module):

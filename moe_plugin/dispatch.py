@@ -1,12 +1,17 @@
 """Dispatchers: move token slots to experts and results back. They know nothing of experts.
 
-Legend: T tokens, K slots per token, D model dim, E experts, N routed slots (kept ones).
+Legend: T tokens, K slots per token, S = T*K slots, D model dim, E experts, n kept slots.
 
-Plan of the permutation (local mode): flatten the (T, K) slots, keep those with an expert,
-stable-sort them by expert id, so the rows for expert 0 come first, then expert 1, ...
-``token_N`` remembers which token each sorted row came from; combine scatters the weighted
-expert outputs back with ``index_add`` (a token with K slots receives K contributions; a
-token with none receives zero, so the surrounding residual passes it through).
+Plan of the permutation (local mode): flatten the (T, K) slots and stable-sort them by
+expert id, dropped slots (id -1) last, so the rows for expert 0 come first, then expert 1,
+... and then the *tail* of dropped slots. All S rows are gathered: cutting the tail off
+would need its length on the host, a device sync per layer; the expert bank computes only
+the first ``counts_E.sum()`` rows and returns zeros for the tail
+(:class:`moe_plugin.experts.ExpertBank`). ``token_N`` remembers which token each sorted row
+came from; combine scatters the weighted expert outputs back with ``index_add`` (a token
+with K slots receives K contributions; a token with none receives zero, so the surrounding
+residual passes it through). Gathers use ``index_select``, whose backward is an
+``index_add`` (an indexed ``x[idx]`` differentiates to the slower ``index_put``).
 """
 
 from __future__ import annotations
@@ -16,10 +21,12 @@ from typing import Tuple
 
 import torch
 
+from moe_plugin.routing.interface import tokens_per_expert
+
 
 @dataclasses.dataclass
 class DispatchPlan:
-    token_N: torch.Tensor  # source token of each sorted row
+    token_N: torch.Tensor  # source token of each sorted row (all S slots, dropped ones last)
     slot_N: torch.Tensor  # index into the flattened (T*K) slots of each sorted row
     num_tokens: int
 
@@ -31,21 +38,24 @@ class LocalDispatcher:
         self.num_experts = num_experts
 
     def dispatch(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, DispatchPlan]:
-        """-> (rows sorted by expert (N, D), rows per expert (E,), plan for :meth:`combine`)."""
+        """-> (S rows sorted by expert, dropped last (S, D); kept rows per expert (E,); plan)."""
         T, K = expert_ids_TK.shape
-        ids_S = expert_ids_TK.reshape(-1)  # S = T*K slots
-        kept_S = ids_S >= 0
-        # dropped slots sort last (key E) and are cut off after the sort
-        key_S = torch.where(kept_S, ids_S, torch.full_like(ids_S, self.num_experts))
-        order_S = torch.argsort(key_S, stable=True)
-        counts_E = torch.bincount(ids_S[kept_S], minlength=self.num_experts)
-        n = int(kept_S.sum())
-        slot_N = order_S[:n]
-        token_N = torch.div(slot_N, K, rounding_mode="floor")
-        return x_TD[token_N], counts_E, DispatchPlan(token_N, slot_N, T)
+        ids_S = expert_ids_TK.reshape(-1)
+        # dropped slots sort last (key E)
+        key_S = torch.where(ids_S >= 0, ids_S, torch.full_like(ids_S, self.num_experts))
+        slot_N = torch.argsort(key_S, stable=True)
+        token_N = slot_N if K == 1 else torch.div(slot_N, K, rounding_mode="floor")
+        counts_E = tokens_per_expert(expert_ids_TK, self.num_experts)
+        return x_TD.index_select(0, token_N), counts_E, DispatchPlan(token_N, slot_N, T)
 
     def combine(self, y_ND: torch.Tensor, weights_TK: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-        """Weighted sum of each token's expert outputs -> (T, D)."""
-        w_N = weights_TK.reshape(-1)[plan.slot_N].to(y_ND.dtype)
+        """Weighted sum of each token's expert outputs -> (T, D).
+
+        ``y_ND`` holds the first ``y_ND.shape[0]`` sorted rows (all S, or the kept ones):
+        rows past it, and dropped rows (zero weight, zero output), contribute nothing.
+        """
+        n = y_ND.shape[0]
+        slot_n, token_n = plan.slot_N[:n], plan.token_N[:n]
+        w_n = weights_TK.reshape(-1).index_select(0, slot_n).to(y_ND.dtype)
         out_TD = y_ND.new_zeros(plan.num_tokens, y_ND.shape[1])
-        return out_TD.index_add(0, plan.token_N, y_ND * w_N.unsqueeze(1))
+        return out_TD.index_add(0, token_n, y_ND * w_n.unsqueeze(1))

@@ -521,6 +521,17 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, ax, title: str, path: str) -> str:
+    """Title, grid and legend, then the figure written to path and closed."""
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_valid(runs: List[dict], path: str, x: str, title: str) -> Optional[str]:
     """Valid figure (ppl or BPC) against updates (x='updates') or wall seconds (x='wall')."""
     pts_any = False
@@ -546,13 +557,7 @@ def plot_valid(runs: List[dict], path: str, x: str, title: str) -> Optional[str]
     all_y = [c[2] if r["unit"] == "bpc" else c[3] for r in runs for c in r["valid_curve"]]
     if unit != "bpc" and all_y and min(all_y) > 0 and max(all_y) / min(all_y) > 5:
         ax.set_yscale("log")
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, ax, title, path)
 
 
 def plot_load(run: dict, path: str) -> Optional[str]:
@@ -567,13 +572,7 @@ def plot_load(run: dict, path: str) -> Optional[str]:
     ax.axhline(1.0, color="gray", linestyle="--", linewidth=0.8)
     ax.set_xlabel("updates")
     ax.set_ylabel("expert load max/mean")
-    ax.set_title(f"{run['label']}: expert load per layer (train)", fontsize=10)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, ax, f"{run['label']}: expert load per layer (train)", path)
 
 
 # ----------------------------------------------------------------------------------------

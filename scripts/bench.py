@@ -17,6 +17,7 @@ Output: JSON lines (one per measurement) on stdout or --jsonl FILE, and a markdo
 """
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -48,21 +49,34 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_fn(fn, device, reps, warmup=2):
+def time_against(fn, base_fn, device, reps, warmup=2):
+    """Median times of ``fn`` and ``base_fn``, run alternately: a shared machine's slow
+    spells then fall on both, and their ratio is steadier than two separate medians."""
     for _ in range(warmup):
+        base_fn()
         fn()
-    times = []
+    t_fn, t_base = [], []
     for _ in range(reps):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for f, out in ((base_fn, t_base), (fn, t_fn)):
+            sync(device)
+            t0 = time.perf_counter()
+            f()
+            sync(device)
+            out.append(time.perf_counter() - t0)
+    return statistics.median(t_fn), statistics.median(t_base)
 
 
-def activation_bytes(fn, device):
-    """Bytes saved for backward by one forward (CPU), or peak allocated memory (CUDA)."""
+def train_step(module, forward, x, gy):
+    """Forward + backward as fairseq does it: gradients start from None each step."""
+    for p in module.parameters():
+        p.grad = None
+    x.grad = None
+    forward(x).backward(gy)
+
+
+def activation_bytes(fn, device, module):
+    """Bytes saved for backward by one forward, parameters not counted (CPU), or peak
+    allocated memory over what was allocated before (CUDA)."""
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
@@ -70,13 +84,13 @@ def activation_bytes(fn, device):
         sync(device)
         return torch.cuda.max_memory_allocated() - base
     total = [0]
-    seen = set()
+    seen = {p.untyped_storage().data_ptr() for p in module.parameters()}
 
     def pack(t):
-        key = (t.data_ptr(), t.numel(), t.dtype)
-        if key not in seen and t.data_ptr() != 0:
+        key = t.untyped_storage().data_ptr()
+        if key not in seen and key != 0:
             seen.add(key)
-            total[0] += t.numel() * t.element_size()
+            total[0] += t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -112,16 +126,19 @@ def layer_suite(args, emit):
         xd = x.clone().requires_grad_()
 
         def run_dense():
-            dense(xd).backward(gy)
+            train_step(dense, dense, xd, gy)
 
-        t_dense = time_fn(run_dense, device, args.reps)
-        m_dense = activation_bytes(lambda: dense(xd), device)
-        emit({"suite": "layer", "impl": "dense_ffn", "T": T, "D": D, "F": F, "seconds": t_dense, "ratio": 1.0,
-              "act_bytes": m_dense})
+        m_dense = activation_bytes(lambda: dense(xd), device, dense)
+        emit({"suite": "layer", "impl": "dense_ffn", "T": T, "D": D, "F": F, "act_bytes": m_dense})
         for E in args.E:
-            for name in routers:
+            for name in routers + (["balanced:cached"] if "balanced" in routers else []):
+                name, _, variant = name.partition(":")
                 defaults = next((d for a, (r, d) in ARCHS.items() if r == name), {})
                 values = {"moe_router": name, "moe_expert_count": E, **{k: v for k, v in defaults.items() if not callable(v)}}
+                if name == "balanced":
+                    # every solve from scratch: the same batch comes back each repetition, and
+                    # a warm start from its own prices would make the solver look free
+                    values["base_cold_start"] = True
                 values = {k: v for k, v in values.items() if k in MoEConfig.__dataclass_fields__}
                 try:
                     cfg = MoEConfig(**values)
@@ -131,18 +148,45 @@ def layer_suite(args, emit):
                     emit({"suite": "layer", "impl": name, "T": T, "E": E, "skipped": str(e)[:200]})
                     continue
                 xm = x.clone().requires_grad_()
+                moe = lambda x_: layer(x_, tokens=tok)  # noqa: E731
 
                 def run_moe():
-                    layer(xm, tokens=tok).backward(gy)
+                    train_step(layer, moe, xm, gy)
 
-                t = time_fn(run_moe, device, args.reps)
-                m = activation_bytes(lambda: layer(xm, tokens=tok), device)
+                with cached_assignment(variant == "cached"):
+                    t, t_dense = time_against(run_moe, run_dense, device, args.reps)
+                    m = activation_bytes(lambda: moe(xm), device, layer)
                 k = getattr(layer.router, "top_k", 1)
-                row = {"suite": "layer", "impl": name, "T": T, "E": E, "K": k, "D": D, "F": F, "seconds": t,
-                       "ratio": t / t_dense, "act_ratio": m / max(m_dense, 1)}
+                label = name + (" (assignment cached)" if variant else "")
+                row = {"suite": "layer", "impl": label, "T": T, "E": E, "K": k, "D": D, "F": F, "seconds": t,
+                       "dense_seconds": t_dense, "ratio": t / t_dense, "act_ratio": m / max(m_dense, 1)}
                 emit(row)
                 rows.append(row)
     return rows
+
+
+@contextlib.contextmanager
+def cached_assignment(active: bool):
+    """BASE without the assignment: the balanced router reuses its first solution (the
+    layer still computes scores, gates and their gradients; only the solver is skipped)."""
+    if not active:
+        yield
+        return
+    from moe_plugin.routing import balanced
+
+    solve, memo = balanced.solve_balanced, {}
+
+    def cached(scores_TE, **kw):
+        key = tuple(scores_TE.shape)
+        if key not in memo:
+            memo[key] = solve(scores_TE, **kw)
+        return memo[key]
+
+    balanced.solve_balanced = cached
+    try:
+        yield
+    finally:
+        balanced.solve_balanced = solve
 
 
 def assignment_suite(args, emit):

@@ -22,11 +22,10 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _run import ROOT, sh
 
 #: (label, arch, K, extra fairseq-train flags)
 RUNS = [
@@ -39,14 +38,8 @@ RUNS = [
 
 
 def run(cmd, log_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    out = proc.stdout + proc.stderr
-    with open(log_path, "w") as f:
-        f.write(" ".join(cmd) + "\n" + out)
-    if proc.returncode != 0:
-        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{out[-4000:]}")
-    return out
+    """One command with one thread (sh of scripts/_run.py)."""
+    return sh(cmd, log_path, env={"OMP_NUM_THREADS": "1"})
 
 
 def metric(line, name):

@@ -19,36 +19,15 @@ import logging
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
 import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
-
-def sh(cmd, log_path=None, echo_prefix=None, echo_every=None):
-    """Run a command, tee to a log file, echo fairseq progress lines now and then."""
-    t0 = time.time()
-    with open(log_path or os.devnull, "w") as log:
-        env = dict(os.environ, PYTHONWARNINGS="ignore")
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
-        lines = []
-        for line in proc.stdout:
-            log.write(line)
-            lines.append(line)
-            if echo_prefix and ("| train_inner |" in line or "| valid |" in line):
-                m = re.search(r"num_updates[= ](\d+)", line)
-                loss = re.search(r"nll_loss[= ]([\d.]+)", line)
-                kind = "valid" if "| valid |" in line else "train"
-                print(f"  {echo_prefix}: {kind} update {m.group(1) if m else '?'} "
-                      f"nll_loss(bits) {loss.group(1) if loss else '?'}  [{time.time() - t0:.0f}s]", flush=True)
-        rc = proc.wait()
-    if rc != 0:
-        tail = "".join(lines[-30:])
-        raise RuntimeError(f"command failed ({rc}): {' '.join(cmd)}\n{tail}")
-    return "".join(lines)
+from _run import sh  # noqa: E402
 
 
 def last_match(pattern, text, group=1, cast=float):

@@ -24,6 +24,7 @@
 # status is the failing rank's. Environment: MASTER_PORT (default: a free port),
 # PYTHON (default: python), MOE_LOG_DIR, OMP_NUM_THREADS (default 1).
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/_launch_lib.sh"
 
 if [[ $# -lt 2 ]]; then
     sed -n '2,24p' "$0" >&2
@@ -32,31 +33,16 @@ fi
 W=$1
 CMD=$2
 shift 2
-if ! [[ "$W" =~ ^[1-9][0-9]*$ ]]; then
-    echo "launch_cpu.sh: W must be a positive integer, got '$W'" >&2
-    exit 2
-fi
+need_positive_int W "$W"
 PYTHON=${PYTHON:-python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-MODULE=${CMD#fairseq-}
-MODULE=${MODULE//-/_}
+MODULE=$(fairseq_module "$CMD")
 FREE_PORT='import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 PORT=${MASTER_PORT:-$(python3 -c "$FREE_PORT" 2> /dev/null || "$PYTHON" -c "$FREE_PORT")}
 LOG_DIR=${MOE_LOG_DIR:-$(mktemp -d -t moe_launch.XXXXXX)}
 mkdir -p "$LOG_DIR"
 
 ARGS=("$@")
-has_arg() { local a; for a in "${ARGS[@]}"; do [[ "$a" == "$1" || "$a" == "$1="* ]] && return 0; done; return 1; }
-arg_value() {  # value of --flag X or --flag=X (last one wins), else $2
-    local i v="$2"
-    for ((i = 0; i < ${#ARGS[@]}; i++)); do
-        case "${ARGS[$i]}" in
-            "$1") v="${ARGS[$((i + 1))]:-}" ;;
-            "$1="*) v="${ARGS[$i]#*=}" ;;
-        esac
-    done
-    echo "$v"
-}
 
 EXTRA=(--cpu --distributed-world-size "$W" --distributed-backend gloo
        --distributed-init-method "tcp://127.0.0.1:$PORT" --distributed-no-spawn)

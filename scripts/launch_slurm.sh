@@ -42,6 +42,7 @@ WORLD=$((NNODES * PER_NODE))
 PORT=${MASTER_PORT:-$((10000 + ${SLURM_JOB_ID:-0} % 50000))}
 
 ARGS=("$@")
+# has_arg/arg_value copy scripts/_launch_lib.sh's: sbatch runs this script from a spool directory, without that file
 has_arg() { local a; for a in "${ARGS[@]}"; do [[ "$a" == "$1" || "$a" == "$1="* ]] && return 0; done; return 1; }
 arg_value() {
     local i v="$2"

@@ -15,6 +15,7 @@
 # Environment: PYTHON (default python), TORCHRUN (default torchrun; --standalone picks a
 # free port), MOE_DRY_RUN=1 prints the command instead of running it.
 set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/_launch_lib.sh"
 
 if [[ $# -lt 2 ]]; then
     sed -n '2,18p' "$0" >&2
@@ -23,26 +24,11 @@ fi
 NGPU=$1
 CMD=$2
 shift 2
-if ! [[ "$NGPU" =~ ^[1-9][0-9]*$ ]]; then
-    echo "launch_torchrun.sh: NGPU must be a positive integer, got '$NGPU'" >&2
-    exit 2
-fi
+need_positive_int NGPU "$NGPU"
 PYTHON=${PYTHON:-python}
 TORCHRUN=${TORCHRUN:-torchrun}
-MODULE=${CMD#fairseq-}
-MODULE=${MODULE//-/_}
+MODULE=$(fairseq_module "$CMD")
 ARGS=("$@")
-has_arg() { local a; for a in "${ARGS[@]}"; do [[ "$a" == "$1" || "$a" == "$1="* ]] && return 0; done; return 1; }
-arg_value() {
-    local i v="$2"
-    for ((i = 0; i < ${#ARGS[@]}; i++)); do
-        case "${ARGS[$i]}" in
-            "$1") v="${ARGS[$((i + 1))]:-}" ;;
-            "$1="*) v="${ARGS[$i]#*=}" ;;
-        esac
-    done
-    echo "$v"
-}
 
 EXTRA=(--distributed-world-size "$NGPU")
 if [[ "$MODULE" == train ]]; then

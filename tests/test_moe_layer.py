@@ -13,22 +13,114 @@ from tests.helpers import reference_moe, router_cfg
 INF = float("inf")
 
 
-@pytest.mark.parametrize("impl", ["grouped_mm", "bmm", "auto"])
-def test_grouped_matmul_equals_loop_with_empty_groups(impl):
+def _rows_by_hand(x, w, counts):
+    """Row r of group e (r counted over the sorted rows) is x[r] @ w[e]; tail rows are zero."""
+    out = torch.zeros(x.shape[0], w.shape[2])
+    r = 0
+    for e, c in enumerate(counts.tolist()):
+        for _ in range(c):
+            out[r] = x[r] @ w[e]
+            r += 1
+    return out
+
+
+@pytest.mark.parametrize("tail", [0, 3])
+@pytest.mark.parametrize("impl", ["grouped_mm", "bmm", "loop", "auto"])
+def test_grouped_matmul_equals_row_by_row_with_empty_groups_and_tail(impl, tail):
     g = torch.Generator().manual_seed(0)
     counts = torch.tensor([3, 0, 5, 0, 4])
-    x = torch.randn(int(counts.sum()), 8, generator=g, requires_grad=True)
+    N = int(counts.sum()) + tail
+    x = torch.randn(N, 8, generator=g, requires_grad=True)
     w = torch.randn(5, 8, 12, generator=g, requires_grad=True)
-    gy = torch.randn(int(counts.sum()), 12, generator=g)
+    gy = torch.randn(N, 12, generator=g)
     y = grouped_matmul(x, w, counts, impl)
     y.backward(gy)
     x2, w2 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
-    y2 = grouped_matmul(x2, w2, counts, "loop")
+    y2 = _rows_by_hand(x2, w2, counts)
     y2.backward(gy)
     torch.testing.assert_close(y, y2)
     torch.testing.assert_close(x.grad, x2.grad)
     torch.testing.assert_close(w.grad, w2.grad)
     assert w.grad[1].abs().max() == 0 and w.grad[3].abs().max() == 0
+    if tail:
+        assert y[-tail:].abs().max() == 0 and x.grad[-tail:].abs().max() == 0
+
+
+def _bank_by_hand(bank, x, counts, drop_mask=None):
+    """Slow obvious bank: every routed row through its expert's FFN, tail rows zero."""
+    out = torch.zeros(x.shape[0], bank.model_dim)
+    r = 0
+    for e, c in enumerate(counts.tolist()):
+        for _ in range(c):
+            h = bank.activation(x[r] @ bank.w1_EDF[e] + bank.b1_EF[e])
+            if drop_mask is not None:
+                h = h * drop_mask[r]
+            out[r] = h @ bank.w2_EFD[e] + bank.b2_ED[e]
+            r += 1
+    return out
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "swish"])
+@pytest.mark.parametrize("impl", ["fused", "grouped_mm", "bmm", "loop"])
+def test_expert_bank_impls_equal_row_by_row(impl, activation):
+    """Outputs and every gradient of each implementation against a per-row loop; empty
+    experts get zero gradients, tail rows zero output and zero gradient."""
+    torch.manual_seed(3)
+    E, D, F = 5, 8, 12
+    counts = torch.tensor([4, 0, 6, 1, 0])
+    N = int(counts.sum()) + 2
+    bank = ExpertBank(E, D, F, activation=activation, impl=impl)
+    x = torch.randn(N, D, requires_grad=True)
+    gy = torch.randn(N, D)
+    bank(x, counts).backward(gy)
+    got = [p.grad.clone() for p in bank.parameters()] + [x.grad.clone()]
+    bank.zero_grad()
+    x2 = x.detach().clone().requires_grad_()
+    y_ref = _bank_by_hand(bank, x2, counts)
+    y_ref.backward(gy)
+    want = [p.grad for p in bank.parameters()] + [x2.grad]
+    torch.testing.assert_close(bank(x, counts), y_ref)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    assert got[0][1].abs().max() == 0 and got[1][4].abs().max() == 0
+    assert got[-1][-2:].abs().max() == 0
+
+
+def test_fused_bank_relu_dropout_gradient_matches_its_mask():
+    """With activation dropout the fused backward recovers the mask from the saved output:
+    the gradient equals the by-hand one with the mask the forward drew."""
+    E, D, F, p = 3, 8, 16, 0.4
+    counts = torch.tensor([5, 3, 4])
+    bank = ExpertBank(E, D, F, activation="relu", activation_dropout=p, impl="fused").train()
+    x = torch.randn(12, D, requires_grad=True)
+    gy = torch.randn(12, D)
+    torch.manual_seed(7)
+    y = bank(x, counts)
+    y.backward(gy)
+    got = [q.grad.clone() for q in bank.parameters()] + [x.grad.clone()]
+    # the same mask, drawn the same way: dropout on the (n, F) hidden activations
+    torch.manual_seed(7)
+    mask = torch.nn.functional.dropout(torch.ones(12, F), p=p, training=True)
+    assert 0 < int((mask == 0).sum()) < mask.numel()
+    bank.zero_grad()
+    x2 = x.detach().clone().requires_grad_()
+    y_ref = _bank_by_hand(bank, x2, counts, drop_mask=mask)
+    y_ref.backward(gy)
+    torch.testing.assert_close(y, y_ref)
+    for a, b in zip(got, [q.grad for q in bank.parameters()] + [x2.grad]):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("impl", ["fused", "grouped_mm", "bmm"])
+def test_expert_bank_bf16_close_to_fp32(impl):
+    torch.manual_seed(0)
+    counts = torch.tensor([7, 9, 0, 16])
+    bank = ExpertBank(4, 16, 32, impl=impl)
+    x = torch.randn(32, 16)
+    y32 = bank(x, counts)
+    y16 = bank(x.bfloat16(), counts)
+    assert y16.dtype == torch.bfloat16
+    torch.testing.assert_close(y16.float(), y32, atol=0.05, rtol=0.05)
 
 
 def test_one_expert_equals_dense_ffn_outputs_and_gradients():
@@ -54,7 +146,7 @@ def test_one_expert_equals_dense_ffn_outputs_and_gradients():
 
 
 @pytest.mark.parametrize("router_name,factor", [("switch", INF), ("switch", 1.0), ("gshard", INF), ("gshard", 0.6)])
-@pytest.mark.parametrize("impl", ["grouped_mm", "bmm"])
+@pytest.mark.parametrize("impl", ["fused", "grouped_mm", "bmm"])
 def test_vectorised_layer_equals_per_token_loop(router_name, factor, impl):
     torch.manual_seed(1)
     D, F, E, T = 16, 24, 6, 50
@@ -87,10 +179,15 @@ def test_dispatch_combine_round_trip_with_dropped_slots():
     d = LocalDispatcher(E)
     x_sorted, counts, plan = d.dispatch(x, ids)
     assert counts.tolist() == [2, 1, 2]
-    # rows sorted by expert: expert 0 gets tokens 0 and 3, expert 1 token 1, expert 2 tokens 0 and 3
-    assert plan.token_N.tolist() == [0, 3, 1, 0, 3]
-    y = d.combine(x_sorted, w, plan)  # identity experts: y_t = sum_k w_tk * x_t
-    torch.testing.assert_close(y, x * w.sum(1, keepdim=True))
+    # rows sorted by expert: expert 0 gets tokens 0 and 3, expert 1 token 1, expert 2 tokens
+    # 0 and 3; then the dropped slots (token 1's second, both of token 2's) in slot order
+    assert plan.token_N.tolist() == [0, 3, 1, 0, 3, 1, 2, 2]
+    torch.testing.assert_close(x_sorted, x[plan.token_N])
+    # identity experts that zero the tail, as the expert bank does: y_t = sum_k w_tk * x_t
+    y_sorted = torch.cat([x_sorted[:5], torch.zeros(3, 2)])
+    torch.testing.assert_close(d.combine(y_sorted, w, plan), x * w.sum(1, keepdim=True))
+    # the kept rows alone (as the expert-parallel dispatcher returns them) combine the same
+    torch.testing.assert_close(d.combine(x_sorted[:5], w, plan), x * w.sum(1, keepdim=True))
 
 
 def test_layer_keeps_last_aux_and_stats():
@@ -102,3 +199,25 @@ def test_layer_keeps_last_aux_and_stats():
     assert layer.last_aux_losses["balance"].requires_grad
     assert int(layer.last_stats["tokens_per_expert"].sum()) <= 15
     assert int(layer.last_stats["num_tokens"]) == 15
+
+
+def test_capacity_from_a_device_count_equals_the_int_formula():
+    """The tensor form (no host sync) gives exactly ceil(f * K * T / E) of the int form."""
+    from moe_plugin.routing.interface import capacity
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        T = int(torch.randint(0, 5000, (1,), generator=g))
+        E = int(torch.randint(1, 130, (1,), generator=g))
+        K = int(torch.randint(1, 5, (1,), generator=g))
+        f = [0.5, 1.0, 1.25, 2.0, 1 / 3, 0.7, INF][int(torch.randint(0, 7, (1,), generator=g))]
+        want = max(int(__import__("math").ceil(f * K * T / E)), 1) if f != INF else max(T * K, 1)
+        assert capacity(T, E, K, f) == want
+        assert int(capacity(torch.tensor(T), E, K, f)) == want
+
+
+def test_tokens_per_expert_equals_bincount_of_kept_ids():
+    from moe_plugin.routing.interface import tokens_per_expert
+
+    ids = torch.randint(-1, 7, (300, 3))
+    torch.testing.assert_close(tokens_per_expert(ids, 7), torch.bincount(ids[ids >= 0], minlength=7))

@@ -53,14 +53,14 @@ def parse_loss_weights(spec: str) -> Dict[str, float]:
     return out
 
 
-def load_stats(tokens_per_expert_E: torch.Tensor) -> Dict[str, float]:
-    """Load balance figures of one layer's (E,) slot counts."""
+def load_stats(tokens_per_expert_E: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Load balance figures of one layer's (E,) slot counts, as 0-dim tensors."""
     c = tokens_per_expert_E.double()
     mean = c.mean().clamp(min=1e-9)
     return {
-        "load_max": float(c.max() / mean),
-        "load_cv": float(c.std(unbiased=False) / mean),
-        "unused": float((c == 0).sum()),
+        "load_max": c.max() / mean,
+        "load_cv": c.std(unbiased=False) / mean,
+        "unused": (c == 0).sum().double(),
     }
 
 
@@ -100,7 +100,9 @@ class MoECrossEntropyCriterion(CrossEntropyCriterion):
         }
         if layers:
             log["moe_n"] = 1
-            sums = {k: 0.0 for k in LAYER_METRICS}
+            # every logged figure is gathered as a tensor and read back in one transfer: a
+            # float() per figure would wait for the device once per layer and figure
+            names, values = [], []
             for index, layer in layers:
                 weighted = nll.new_zeros(())
                 for name, value in layer.last_aux_losses.items():
@@ -110,16 +112,25 @@ class MoECrossEntropyCriterion(CrossEntropyCriterion):
                 aux_total = aux_total + weighted
                 st = layer.last_stats
                 m = load_stats(st["tokens_per_expert"])
-                m["aux"] = float(weighted.detach())
-                m["dropped"] = 100.0 * float(st.get("dropped_frac", 0.0))
-                m["entropy"] = float(st.get("entropy", float("nan")))
+                m["aux"] = weighted.detach()
+                m["dropped"] = 100.0 * torch.as_tensor(st.get("dropped_frac", 0.0))
+                m["entropy"] = torch.as_tensor(st.get("entropy", float("nan")))
                 for k in LAYER_METRICS:
-                    sums[k] += m[k] / len(layers)
-                    if self.log_per_layer:
-                        log[f"moe_l{index}_{k}"] = m[k]
+                    names.append((index, k))
+                    values.append(m[k])
                 for k, v in st.items():  # router-specific extras, e.g. BASE's auction rounds
                     if k not in ("tokens_per_expert", "dropped_frac", "entropy", "num_tokens") and v.numel() == 1:
-                        log[f"moe_l{index}_{k}"] = float(v)
+                        names.append((index, k))
+                        values.append(v.reshape(()))
+            dev = nll.device
+            read = torch.stack([v.detach().to(dev, torch.float64) for v in values]).tolist()
+            sums = {k: 0.0 for k in LAYER_METRICS}
+            for (index, k), v in zip(names, read):
+                if k in sums:
+                    sums[k] += v / len(layers)
+                    if not self.log_per_layer:
+                        continue
+                log[f"moe_l{index}_{k}"] = v
             for k in LAYER_METRICS:
                 log[f"moe_{k}"] = sums[k]
         loss = nll + aux_total * sample_size

@@ -182,7 +182,8 @@ class ExpertParallelDispatcher:
         send_W, recv_W, stamps = torch.stack([counts_WL.sum(1), recv_WL.sum(1), stamps_W]).tolist()
         self._check_stamps(stamps)
         self._note_traffic(send_W)
-        x_RD = all_to_all(x_ND, send_W, recv_W, self.group)
+        # the local dispatcher sorts dropped slots last: only the kept ones travel
+        x_RD = all_to_all(x_ND[: sum(send_W)], send_W, recv_W, self.group)
         # received rows are grouped (source rank v, local expert l); sort them by l
         R = x_RD.shape[0]
         block_R = torch.repeat_interleave(

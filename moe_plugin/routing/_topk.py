@@ -274,7 +274,7 @@ class TopKSoftmaxRouter(Router):
         T = x_TD.shape[0]
         if tokens is not None:
             valid_T = ~tokens.pad_mask_T
-            num_valid = int(valid_T.sum())
+            num_valid = valid_T.sum()  # a tensor: the capacity is computed on the device
         else:
             valid_T = torch.ones(T, dtype=torch.bool, device=x_TD.device)
             num_valid = T

@@ -155,17 +155,24 @@ def build_router(cfg, model_dim: int, *, vocab: Optional[VocabInfo] = None, laye
 # ----------------------------------------------------------------------------------------
 
 
-def capacity(num_tokens: int, num_experts: int, top_k: int, factor: float) -> int:
+def capacity(num_tokens, num_experts: int, top_k: int, factor: float):
     """Slots per expert: ``ceil(factor * K * T / E)``; ``factor = inf`` means no limit.
 
     factor 1.0 is a perfectly balanced load (GShard's top-2 capacity 2T/E is factor 1.0).
+    ``num_tokens`` may be a 0-dim tensor (the count of non-padding tokens): the capacity is
+    then a tensor too, equal to the int formula (same float64 operations), and nothing is
+    read back from the device.
     """
+    if isinstance(num_tokens, torch.Tensor):
+        n = num_tokens.to(torch.float64)
+        cap = n * top_k if math.isinf(factor) else torch.ceil(n * (factor * top_k) / num_experts)
+        return cap.clamp(min=1).long()
     if math.isinf(factor):
         return max(num_tokens * top_k, 1)
     return max(int(math.ceil(factor * top_k * num_tokens / num_experts)), 1)
 
 
-def apply_capacity(expert_ids_TK: torch.Tensor, num_experts: int, cap: int) -> torch.Tensor:
+def apply_capacity(expert_ids_TK: torch.Tensor, num_experts: int, cap) -> torch.Tensor:
     """Drop slots beyond ``cap`` per expert; first choices of all tokens go first, then
     second choices, each in token order (GShard's priority). Returns ids with ``DROPPED``.
 
@@ -183,9 +190,10 @@ def apply_capacity(expert_ids_TK: torch.Tensor, num_experts: int, cap: int) -> t
 
 
 def tokens_per_expert(expert_ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """(E,) counts of kept slots."""
+    """(E,) counts of kept slots (ids -1 are not counted), without a host sync."""
     ids = expert_ids_TK.reshape(-1)
-    return torch.bincount(ids[ids >= 0], minlength=num_experts)
+    counts_E = torch.zeros(num_experts, dtype=torch.long, device=ids.device)
+    return counts_E.scatter_add_(0, ids.clamp(min=0), (ids >= 0).long())
 
 
 def switch_balance_loss(probs_TE: torch.Tensor, top1_T: torch.Tensor, valid_T: torch.Tensor) -> torch.Tensor:

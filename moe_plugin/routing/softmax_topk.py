@@ -49,7 +49,7 @@ class LinearGateRouter(Router):
             return nn.functional.linear(x_TD.float(), self.gate.weight.float())
         return self.gate(x_TD)
 
-    def capacity_for(self, num_valid: int) -> int:
+    def capacity_for(self, num_valid):
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
         return capacity(num_valid, self.num_experts, self.top_k, factor)
 
@@ -67,7 +67,7 @@ class LinearGateRouter(Router):
         expert_ids_TK, weights_TK = self.select(probs_TE, logits_TE)
         # padding tokens are not routed: they take no capacity and produce nothing
         expert_ids_TK = expert_ids_TK.masked_fill(~valid_T.unsqueeze(-1), DROPPED)
-        num_valid = int(valid_T.sum()) if tokens is not None else T
+        num_valid = valid_T.sum() if tokens is not None else T  # a tensor: no host sync
         routed_TK = apply_capacity(expert_ids_TK, self.num_experts, self.capacity_for(num_valid))
         weights_TK = weights_TK * (routed_TK >= 0).to(weights_TK.dtype)
 
