@@ -131,6 +131,20 @@ def layer_suite(args, emit):
         m_dense = activation_bytes(lambda: dense(xd), device, dense)
         emit({"suite": "layer", "impl": "dense_ffn", "T": T, "D": D, "F": F, "act_bytes": m_dense})
         for E in args.E:
+            # a floor no router can beat when T*K/E is small: every step writes fresh gradients
+            # for all E experts' weights (fairseq sets .grad to None after each update)
+            w1, w2 = (torch.empty(E, a, b, device=device, dtype=dtype) for a, b in ((D, F), (F, D)))
+
+            def write_grads():
+                for w in (w1, w2):
+                    torch.empty_like(w).copy_(w)
+
+            t_w, t_dense = time_against(write_grads, run_dense, device, args.reps)
+            row = {"suite": "layer", "impl": "floor: write E experts' weight gradients", "T": T, "E": E, "K": 0,
+                   "seconds": t_w, "dense_seconds": t_dense, "ratio": t_w / t_dense, "act_ratio": 0.0}
+            emit(row)
+            rows.append(row)
+            del w1, w2
             for name in routers + (["balanced:cached"] if "balanced" in routers else []):
                 name, _, variant = name.partition(":")
                 defaults = next((d for a, (r, d) in ARCHS.items() if r == name), {})
@@ -194,7 +208,8 @@ def assignment_suite(args, emit):
     if not os.path.exists(path):
         emit({"suite": "assignment", "skipped": "scripts/bench_assignment.py is not there"})
         return []
-    out = subprocess.run([sys.executable, path, "--jsonl"], capture_output=True, text=True, cwd=ROOT)
+    sizes = ["--tokens", ",".join(map(str, args.T)), "--experts", ",".join(map(str, args.E))]
+    out = subprocess.run([sys.executable, path, "--jsonl", *sizes], capture_output=True, text=True, cwd=ROOT)
     rows = []
     for line in out.stdout.splitlines():
         if line.startswith("{"):
@@ -266,9 +281,9 @@ def markdown(args, layer_rows, assign_rows, e2e_rows):
             for T in Ts:
                 for E in Es:
                     r = next((r for r in layer_rows if r["impl"] == name and r["T"] == T and r["E"] == E), None)
-                    cells.append("-" if r is None else f"{r['ratio']:.2f}x ({r['act_ratio']:.1f})")
+                    cells.append("-" if r is None else f"{r['ratio']:.2f}x" + (f" ({r['act_ratio']:.1f})" if r["K"] else ""))
                     k = r["K"] if r else k
-            out.append(f"| {name} | {k} | " + " | ".join(cells) + " |")
+            out.append(f"| {name} | {k or '-'} | " + " | ".join(cells) + " |")
         out.append("")
     if e2e_rows:
         out += ["### End to end: fairseq-train words/s over transformer_lm (same shape, same active compute)", "",
@@ -277,7 +292,14 @@ def markdown(args, layer_rows, assign_rows, e2e_rows):
             out.append(f"| {r['arch']} | {r['wps']:.0f} | {r['ratio']:.2f} |" if r["ratio"] else f"| {r['arch']} | {r['wps']:.0f} | - |")
         out.append("")
     if assign_rows:
-        out += ["### Balanced assignment: see scripts/bench_assignment.py (rows in the JSON lines)", ""]
+        out += ["### BASE's balanced assignment: CPU ms per call, ours vs fairseq.libbase (gap to the optimum, %)", "",
+                "| scores | T | E | libbase ms | ours ms | speed-up | libbase gap % | ours gap % |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in assign_rows:
+            lg = "-" if r["libbase_gap_pct"] is None else f"{r['libbase_gap_pct']:.4f}"
+            out.append(f"| {r['scores']} | {r['T']} | {r['E']} | {r['libbase_ms']:.1f} | {r['ours_ms']:.1f} | "
+                       f"{r['speedup']:.1f}x | {lg} | {r['ours_gap_pct']:.4f} |")
+        out.append("")
     return "\n".join(out)
 
 

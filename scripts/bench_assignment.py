@@ -24,6 +24,7 @@ Prints a markdown table (and writes it to --out). Example:
 """
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -106,6 +107,7 @@ def main(argv=None):
     ap.add_argument("--scipy-max-tokens", type=int, default=4096)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--jsonl", action="store_true", help="also print each row as a JSON line (scripts/bench.py reads them)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
@@ -155,6 +157,13 @@ def main(argv=None):
                 )
                 lines.append(row)
                 print(row, flush=True)
+                if args.jsonl:
+                    print(json.dumps({
+                        "scores": kind, "T": T, "E": E, "libbase_ms": lib_ms, "ours_ms": ours_ms,
+                        "speedup": lib_ms / ours_ms, "ours_warm_ms": warm_ms,
+                        "libbase_gap_pct": gap(total(a, lib_T)) if lib_T is not None else None,
+                        "ours_gap_pct": gap(got), "reference": ref_name,
+                    }), flush=True)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
