@@ -133,7 +133,7 @@ def grouped_matmul(x_ND: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.Tens
     matmul) or ``loop`` (the slow obvious reference); ``auto`` picks grouped_mm where the
     strides allow it (16-byte aligned, e.g. D and F multiples of 4 in fp32), else bmm.
     """
-    if impl == "auto":
+    if impl in ("auto", "fused"):  # "fused" is the bank's whole-FFN path: a lone matmul takes auto's
         impl = "grouped_mm" if _grouped_mm_applies(x_ND, w_EDF.shape[2]) else "bmm"
     N = x_ND.shape[0]
     w_EDF = w_EDF.to(x_ND.dtype)

@@ -59,11 +59,6 @@ class MultiHashMoELayer(MoELayer):
         return y_TD.reshape(shape)
 
 
-def _matmul_impl(bank_impl: str) -> str:
-    """The bank's impl as grouped_matmul knows it (the fused FFN does not apply here)."""
-    return "auto" if bank_impl == "fused" else bank_impl
-
-
 def multihash_ffn(x_TD: torch.Tensor, ids_TN: torch.Tensor, experts, dispatcher, training: bool) -> torch.Tensor:
     """(T, D) output of the MultiHash equations; rows whose ids are ``DROPPED`` (-1) get zeros.
 
@@ -84,7 +79,7 @@ def multihash_ffn(x_TD: torch.Tensor, ids_TN: torch.Tensor, experts, dispatcher,
         x_RD, counts_E, plan = dispatcher.dispatch(x_TD, ids_TN[:, i : i + 1])
         expert_R = expert_of_rows(counts_E, x_RD.shape[0])
         fs = slice(i * sF, (i + 1) * sF)
-        h_RS = grouped_matmul(x_RD, experts.w1_EDF[:, :, fs], counts_E, _matmul_impl(experts.impl))
+        h_RS = grouped_matmul(x_RD, experts.w1_EDF[:, :, fs], counts_E, experts.impl)
         h_RS = add_group_bias(h_RS, experts.b1_EF[:, fs], expert_R)
         h_parts.append(h_RS.new_zeros(T, sF).index_copy(0, plan.token_N, h_RS))
         routes.append((plan.token_N, counts_E, expert_R))
@@ -93,7 +88,7 @@ def multihash_ffn(x_TD: torch.Tensor, ids_TN: torch.Tensor, experts, dispatcher,
     y_parts = []
     for i, (token_R, counts_E, expert_R) in enumerate(routes):
         ds = slice(i * sD, (i + 1) * sD)
-        y_RS = grouped_matmul(h_TF.index_select(0, token_R), experts.w2_EFD[:, :, ds], counts_E, _matmul_impl(experts.impl))
+        y_RS = grouped_matmul(h_TF.index_select(0, token_R), experts.w2_EFD[:, :, ds], counts_E, experts.impl)
         y_RS = add_group_bias(y_RS, experts.b2_ED[:, ds], expert_R)
         y_parts.append(y_RS.new_zeros(T, sD).index_copy(0, token_R, y_RS))
     return torch.cat(y_parts, dim=1)

@@ -55,12 +55,11 @@ from moe_plugin.routing.interface import (
     Router,
     RouterOutput,
     TokenInfo,
-    apply_capacity,
     capacity,
+    limit_capacity,
     router_z_loss,
     routing_entropy,
     switch_balance_loss,
-    tokens_per_expert,
 )
 
 SCHEDULES = ("none", "linear", "cosine", "exponential", "multistep")
@@ -285,23 +284,13 @@ class TopKSoftmaxRouter(Router):
         # padding tokens are not routed: they take no capacity and produce nothing
         expert_ids_TK = expert_ids_TK.masked_fill(~valid_T.unsqueeze(-1), DROPPED)
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
-        if math.isinf(factor):
-            routed_TK = expert_ids_TK
-        else:
-            cap = capacity(num_valid, self.num_experts, K, factor)
-            routed_TK = apply_capacity(expert_ids_TK, self.num_experts, cap)
-        weights_TK = weights_TK * (routed_TK >= 0).to(weights_TK.dtype)
+        cap = None if math.isinf(factor) else capacity(num_valid, self.num_experts, K, factor)
+        routed_TK, weights_TK, stats = limit_capacity(expert_ids_TK, weights_TK, self.num_experts, cap)
 
         probs_TE = torch.softmax(logits_TE, dim=-1)
         aux = {"z": router_z_loss(logits_TE, valid_T)}
         if self.balance_loss:
             aux["balance"] = switch_balance_loss(probs_TE, expert_ids_TK[:, 0].clamp(min=0), valid_T)
-        want = (expert_ids_TK >= 0).sum()
-        got = (routed_TK >= 0).sum()
-        stats = {
-            "tokens_per_expert": tokens_per_expert(routed_TK, self.num_experts),
-            "dropped_frac": ((want - got).float() / want.clamp(min=1).float()).detach(),
-            "entropy": routing_entropy(probs_TE.detach(), valid_T),
-            "top_k": torch.tensor(float(K)),
-        }
+        stats["entropy"] = routing_entropy(probs_TE.detach(), valid_T)
+        stats["top_k"] = torch.tensor(float(K))
         return RouterOutput(routed_TK, weights_TK.to(x_TD.dtype), aux, stats)

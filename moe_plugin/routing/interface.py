@@ -189,6 +189,21 @@ def apply_capacity(expert_ids_TK: torch.Tensor, num_experts: int, cap) -> torch.
     return torch.where(keep_KT, ids_KT, torch.full_like(ids_KT, DROPPED)).t().contiguous()
 
 
+def limit_capacity(expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor, num_experts: int, cap):
+    """The capacity limit and its bookkeeping, shared by the softmax routers: drop slots past
+    ``cap`` per expert (``cap=None``: no limit), zero the dropped slots' weights.
+    -> (routed ids, weights, stats with ``tokens_per_expert`` and ``dropped_frac``)."""
+    routed_TK = expert_ids_TK if cap is None else apply_capacity(expert_ids_TK, num_experts, cap)
+    weights_TK = weights_TK * (routed_TK >= 0).to(weights_TK.dtype)
+    want = (expert_ids_TK >= 0).sum()
+    got = (routed_TK >= 0).sum()
+    stats = {
+        "tokens_per_expert": tokens_per_expert(routed_TK, num_experts),
+        "dropped_frac": ((want - got).float() / want.clamp(min=1).float()).detach(),
+    }
+    return routed_TK, weights_TK, stats
+
+
 def tokens_per_expert(expert_ids_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
     """(E,) counts of kept slots (ids -1 are not counted), without a host sync."""
     ids = expert_ids_TK.reshape(-1)

@@ -15,12 +15,11 @@ from moe_plugin.routing.interface import (
     Router,
     RouterOutput,
     TokenInfo,
-    apply_capacity,
     capacity,
+    limit_capacity,
     router_z_loss,
     routing_entropy,
     switch_balance_loss,
-    tokens_per_expert,
 )
 
 
@@ -68,16 +67,10 @@ class LinearGateRouter(Router):
         # padding tokens are not routed: they take no capacity and produce nothing
         expert_ids_TK = expert_ids_TK.masked_fill(~valid_T.unsqueeze(-1), DROPPED)
         num_valid = valid_T.sum() if tokens is not None else T  # a tensor: no host sync
-        routed_TK = apply_capacity(expert_ids_TK, self.num_experts, self.capacity_for(num_valid))
-        weights_TK = weights_TK * (routed_TK >= 0).to(weights_TK.dtype)
+        cap = self.capacity_for(num_valid)
+        routed_TK, weights_TK, stats = limit_capacity(expert_ids_TK, weights_TK, self.num_experts, cap)
 
         aux = {"balance": switch_balance_loss(probs_TE, expert_ids_TK[:, 0].clamp(min=0), valid_T)}
         aux["z"] = router_z_loss(logits_TE, valid_T)
-        want = (expert_ids_TK >= 0).sum()
-        got = (routed_TK >= 0).sum()
-        stats = {
-            "tokens_per_expert": tokens_per_expert(routed_TK, self.num_experts),
-            "dropped_frac": ((want - got).float() / want.clamp(min=1).float()).detach(),
-            "entropy": routing_entropy(probs_TE.detach(), valid_T),
-        }
+        stats["entropy"] = routing_entropy(probs_TE.detach(), valid_T)
         return RouterOutput(routed_TK, weights_TK.to(x_TD.dtype), aux, stats)

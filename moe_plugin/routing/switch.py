@@ -9,7 +9,6 @@ in training.
 
 from dataclasses import dataclass, field
 
-import torch
 
 from moe_plugin.routing.interface import register_router
 from moe_plugin.routing.softmax_topk import LinearGateRouter
