@@ -50,6 +50,13 @@ class MoECoreOptions:
     moe_gating_use_fp32: bool = field(
         default=True, metadata={"help": "compute router logits and softmax in fp32"}
     )
+    moe_seed: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "seed of the routers' random state (hash tables, frozen routers) when their own "
+            "seed option is unset; fairseq's model config fills it from --seed"
+        },
+    )
     moe_expert_parallel: bool = field(
         default=False,
         metadata={

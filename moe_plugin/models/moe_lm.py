@@ -24,6 +24,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn as nn
 from fairseq import options
+from omegaconf import II
 from fairseq.distributed import fsdp_wrap
 from fairseq.models import register_model, register_model_architecture
 from fairseq.models.transformer import TransformerConfig, TransformerDecoder
@@ -44,7 +45,11 @@ from moe_plugin.routing import ARCHS, TokenInfo, VocabInfo
 
 
 MoELanguageModelConfig = dataclasses.make_dataclass(
-    "MoELanguageModelConfig", [], bases=(moe_config.MoEConfig, TransformerLanguageModelConfig)
+    "MoELanguageModelConfig",
+    # the routers' random state follows fairseq's --seed (common.seed) unless a router's own
+    # seed option fixes it; an interpolation, so fairseq-train and hydra configs both fill it
+    [("moe_seed", Optional[int], dataclasses.field(default=II("common.seed")))],
+    bases=(moe_config.MoEConfig, TransformerLanguageModelConfig),
 )
 
 
