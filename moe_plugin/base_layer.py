@@ -22,12 +22,15 @@ worker in expert-parallel mode; the balanced assignment is PyTorch (no libbase) 
 for any T; train/eval is ``self.training`` (fairseq: ``requires_grad`` of the input);
 padding tokens are not routed (they pass through unchanged).
 
-``--base-shuffle``: fairseq sends tokens to random workers before routing so that one
-worker's batch is not one document. In local mode every process routes its whole batch
-over all E experts; the balanced assignment of a set of tokens does not depend on their
-order, so shuffling within the batch would change nothing (up to ties): the flag is
-accepted and kept on the layer (``shuffle``) for the expert-parallel dispatcher, and is a
-no-op here.
+``--base-shuffle`` (fairseq's flag and default, 1): in training on W > 1 workers, every real
+token goes to a random worker before routing and comes back to its row after, as in
+fairseq's ``BaseLayer.forward``, so that the batch a worker balances over is a random
+sample of the global batch (moe_plugin/parallel/shuffle.py: uneven token counts, padding,
+the random numbers). Local and expert-parallel mode alike: the shuffle comes before the
+layer's own dispatch. In one process, and in evaluation, nothing is shuffled: the balanced
+assignment of a set of tokens does not depend on their order (up to ties), and fairseq
+shuffles only in training. The routing stats of a shuffled forward (``moe.last_stats``:
+tokens per expert, affinity, ``num_tokens``) describe the tokens this rank received.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F_
 
 from moe_plugin.experts import ExpertBank, expert_of_rows
-from moe_plugin.moe_layer import MoELayer
+from moe_plugin.moe_layer import MoELayer, checkpointed
 from moe_plugin.routing import ROUTER_REGISTRY, TokenInfo, VocabInfo, build_router
 
 
@@ -146,9 +149,49 @@ class BaseLayer(nn.Module):
             make_expert_parallel(self.moe)
         self.moe.token_source = token_source
         self.shuffle = bool(shuffle)
+        # the shuffle's random state (moe_plugin/parallel/shuffle.py): fairseq's --seed, the
+        # update count (set_num_updates) and the shuffles drawn since it last changed
+        self.shuffle_seed = getattr(cfg, "moe_seed", None)
+        self._shuffle_update, self._shuffle_count = 0, 0
+        self.last_shuffle = None  # the plan of the last shuffled forward (diagnostics, tests)
+
+    #: set by :func:`insert_base_layers` from --checkpoint-activations / --offload-activations
+    checkpoint_activations = False
+    offload_activations = False
 
     def forward(self, x: torch.Tensor, *args, **kwargs):
-        return x + self.moe(x), None, None
+        incremental = kwargs.get("incremental_state", args[2] if len(args) > 2 else None) is not None
+        # --base-shuffle: drawn here, once, so that a recompute in backward reuses it
+        shuffle = self._shuffle_plan(x) if not incremental else None
+        if self.checkpoint_activations and self.training and torch.is_grad_enabled() and not incremental:
+            # recomputed in backward with the recorded assignment (moe_layer.checkpointed)
+            return checkpointed(self._block, [self.moe], x, shuffle, offload=self.offload_activations), None, None
+        return self._block(x, shuffle), None, None
+
+    def _block(self, x: torch.Tensor, shuffle=None) -> torch.Tensor:
+        return x + (self.moe(x) if shuffle is None else shuffle.run(self.moe, x))
+
+    def set_num_updates(self, num_updates: int) -> None:
+        """fairseq calls this before every training forward and on checkpoint load."""
+        if int(num_updates) != self._shuffle_update:
+            self._shuffle_update, self._shuffle_count = int(num_updates), 0
+
+    def _shuffle_plan(self, x: torch.Tensor):
+        """The token shuffle of this forward (moe_plugin/parallel/shuffle.py), or None: only
+        in training with --base-shuffle on more than one worker (fairseq shuffles only in
+        training; in one process a shuffle changes no balanced assignment)."""
+        from moe_plugin.parallel import shuffle as shuffle_mod
+
+        self.last_shuffle = None
+        if not (self.shuffle and self.training) or shuffle_mod.dist_world_size() == 1:
+            return None
+        tokens = self.moe.token_source() if self.moe.token_source is not None else None
+        seed = shuffle_mod.shuffle_seed(self.shuffle_seed, self.moe.router.layer_index, shuffle_mod.dist_rank(),
+                                        self._shuffle_update, self._shuffle_count)
+        self._shuffle_count += 1
+        generator = shuffle_mod.shuffle_generator(seed)
+        self.last_shuffle = shuffle_mod.plan_shuffle(x.shape[:-1].numel(), tokens, generator, x.device)
+        return self.last_shuffle
 
 
 def _get(cfg, name, default=None):
@@ -188,6 +231,8 @@ def insert_base_layers(decoder, cfg) -> None:
     for index, layer in enumerate(decoder.layers):
         if isinstance(layer, BaseLayer):
             layer.moe.router.layer_index = index
+            layer.checkpoint_activations = bool(_get(cfg, "checkpoint_activations", False))
+            layer.offload_activations = bool(_get(cfg, "offload_activations", False))
 
 
 def base_layer_positions(num_layers: int, num_base: int):

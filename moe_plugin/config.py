@@ -45,10 +45,19 @@ class MoECoreOptions:
         },
     )
     moe_eval_capacity_factor: float = field(
-        default=2.0, metadata={"help": "capacity factor in evaluation ('inf' = never drop)"}
+        default=math.inf,
+        metadata={
+            "help": "capacity factor in evaluation; default 'inf' = never drop, so a token's output "
+            "does not depend on the other tokens of its batch (a finite factor makes fairseq-eval-lm's "
+            "perplexity depend on --max-tokens and on which sequences share a batch)"
+        },
     )
-    moe_gating_use_fp32: bool = field(
-        default=True, metadata={"help": "compute router logits and softmax in fp32"}
+    moe_no_gating_fp32: bool = field(
+        default=False,
+        metadata={
+            "help": "compute router logits and softmax in the model's dtype (fp16/bf16) instead of "
+            "fp32 (default: fp32, Switch's selective precision)"
+        },
     )
     moe_seed: Optional[int] = field(
         default=None,
@@ -66,10 +75,28 @@ class MoECoreOptions:
     )
 
 
+def _gating_use_fp32(cfg) -> bool:
+    """Router logits and softmax in fp32 (every router reads this; ``--moe-no-gating-fp32`` turns it off).
+
+    A negative flag on purpose: fairseq turns a boolean option whose default is True into a
+    ``store_false`` flag, so a ``--moe-gating-use-fp32`` defaulting to on would switch fp32
+    routing *off* when passed (the meaning of fairseq's moe-branch flag of that name is the
+    opposite).
+    """
+    return not cfg.moe_no_gating_fp32
+
+
+MoECoreOptions.moe_gating_use_fp32 = property(_gating_use_fp32)
+
+
 def _combined_config_class():
     bases = tuple(ROUTER_OPTIONS[name] for name in sorted(ROUTER_OPTIONS)) + (MoECoreOptions,)
     return dataclasses.make_dataclass("MoEConfig", [], bases=bases)
 
+
+#: the dense baseline arch: moe_lm without MoE layers, with the MoE archs' defaults
+#: (registered by moe_plugin/models/moe_lm.py; compare MoE archs against it, not transformer_lm)
+DENSE_ARCH = "dense_lm"
 
 MoEConfig = _combined_config_class()
 MoEConfig.__doc__ = "Core MoE options plus every registered router's options."

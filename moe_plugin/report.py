@@ -14,7 +14,7 @@ script. Writes ``report.md``, ``report.json`` and ``plots/*.png`` (matplotlib, A
 * a summary of every run (valid and test perplexity, or bits per character on
   character-level data, words/s, load, dropped tokens, training time);
 * the paper-style tables of the reproduce scripts, with the papers' published numbers
-  beside ours where ROUTERS.md gives them (marked unverified where it says so);
+  beside ours where they are known (marked unverified where they are a third party's);
 * valid perplexity against updates and against wall time, per group of runs;
 * expert load per layer over training (max/mean of the per-layer ``moe_l{i}_load_max``
   train metric), one plot per MoE run;
@@ -40,7 +40,7 @@ from datetime import datetime
 from typing import Dict, List, Optional
 
 # ----------------------------------------------------------------------------------------
-# The papers' published numbers (ROUTERS.md)
+# The papers' published numbers (where a source gives them; unverified ones say so)
 # ----------------------------------------------------------------------------------------
 
 PAPER = {
@@ -58,11 +58,11 @@ PAPER = {
         "experts": {"hash": {64: 23.23, 128: 22.95}, "switch": {64: 23.73, 128: 23.58}},
     },
     "sam_k_quality": {
-        "source": "Jiang et al. 2021: no table could be read (ROUTERS.md section 3)",
+        "source": "Jiang et al. 2021: no table could be read (only the abstract is available)",
         "verified": False,
     },
     "hyperrouter_tables": {
-        "source": "Do et al. 2023 as re-run by a third party (ROUTERS.md section 4; unverified, K not stated)",
+        "source": "Do et al. 2023 as re-run by a third party (unverified, K not stated)",
         "verified": False,
         "enwik8": {"dense": 1.166, "smoe": 1.307, "smoe_dropout": 1.262, "hyper": 1.141},
         "wikitext-103": {"dense": 27.36, "smoe": 46.96, "smoe_dropout": 39.56, "hyper": 26.41},

@@ -38,14 +38,20 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
+from moe_plugin.config import DENSE_ARCH
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 USER_DIR = "moe_plugin"  # relative to ROOT, as every command runs from ROOT
 SCALES = ("paper", "mini", "tiny")
 SCRIPTS_DIR = os.path.join("scripts", "reproduce")
 #: the reproduce scripts, in the order docs and configs list them
 SCRIPTS = ("base_throughput_quality", "hash_ablation", "sam_k_quality", "hyperrouter_tables")
-#: archs that are fairseq's own (everything else must be registered by a moe_plugin router)
+#: archs that are fairseq's own (a run may name one; the reproductions' dense rows use
+#: DENSE_ARCH, moe_lm without MoE layers and with the MoE archs' defaults: fairseq's
+#: transformer_lm builds another model from the same flags, docs/fidelity.md section dense)
 FAIRSEQ_ARCHS = ("transformer_lm",)
+#: archs moe_plugin registers besides the routers' (moe_plugin/models/moe_lm.py)
+PLUGIN_ARCHS = (DENSE_ARCH,)
 #: the launchers of the expert-parallel issue (paper scale)
 LAUNCH_TORCHRUN = "scripts/launch_torchrun.sh"
 LAUNCH_SLURM = "scripts/launch_slurm.sh"
@@ -422,7 +428,7 @@ def run_command(cmd: List[str], log: Optional[str], echo: bool = True, append: b
 def missing_archs(plan: Plan) -> List[str]:
     from moe_plugin.routing import ARCHS
 
-    return sorted({r.arch for r in plan.runs} - set(ARCHS) - set(FAIRSEQ_ARCHS))
+    return sorted({r.arch for r in plan.runs} - set(ARCHS) - set(PLUGIN_ARCHS) - set(FAIRSEQ_ARCHS))
 
 
 #: which file/issue registers each arch (for the message when one is missing)
@@ -791,7 +797,7 @@ def generate_configs(out_dir: str, scripts=SCRIPTS, scales=SCALES, only_register
         for script in scripts:
             plan = plan_of(script, scale)
             for run in plan.runs:
-                if only_registered and run.arch not in ARCHS and run.arch not in FAIRSEQ_ARCHS:
+                if only_registered and run.arch not in set(ARCHS) | set(PLUGIN_ARCHS) | set(FAIRSEQ_ARCHS):
                     print(f"[configs] skip {scale}/{config_name(plan, run)}: arch {run.arch} is not registered",
                           file=sys.stderr)
                     continue
@@ -842,7 +848,9 @@ if __name__ == "__main__":
 
 def model_flags(d: int, layers: int, heads: int, ffn: int, adaptive: Optional[tuple] = None,
                 adaptive_input: bool = True) -> List[str]:
-    """fairseq transformer_lm size flags; ``adaptive=(cutoffs, factor)`` adds an adaptive
+    """Transformer LM size flags (every moe_lm arch, dense_lm included; the input/output dims
+    are given explicitly, which dense_lm does not need but fairseq's transformer_lm would);
+    ``adaptive=(cutoffs, factor)`` adds an adaptive
     softmax and (``adaptive_input``) an adaptive input with tied weights (fairseq's
     WikiText-103 recipe); without ``adaptive`` the input and output embeddings are shared.
     ``adaptive_input=False`` keeps a plain input embedding (hash tables from k-means read it)."""

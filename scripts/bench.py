@@ -6,8 +6,9 @@
               layer is 1.0x, of a top-K layer K.0x. Also activation memory (bytes saved for
               backward; on CUDA the peak allocated memory) over the dense FFN's.
   assignment  BASE's balanced assignment vs fairseq.libbase and scipy (scripts/bench_assignment.py).
-  e2e         fairseq-train words/s of each MoE arch over transformer_lm of the same shape and
-              active compute (experts of size F/K), fixed updates, synthetic corpus.
+  e2e         fairseq-train words/s of each MoE arch over the dense baseline dense_lm (the same
+              model without MoE layers) of the same shape and active compute (experts of size
+              F/K), fixed updates, synthetic corpus.
 
 Output: JSON lines (one per measurement) on stdout or --jsonl FILE, and a markdown summary
 (--markdown FILE, also printed at the end). ``make bench`` runs the CPU default.
@@ -223,6 +224,7 @@ def assignment_suite(args, emit):
 
 
 def e2e_suite(args, emit):
+    from moe_plugin.config import DENSE_ARCH
     from moe_plugin.routing import ARCHS, DEMO_ARGS
 
     data = os.path.join(ROOT, "data", "bench")
@@ -245,7 +247,7 @@ def e2e_suite(args, emit):
         common.append("--cpu")
     elif args.dtype != "fp32":
         common.append("--" + args.dtype)
-    archs = ["transformer_lm"] + sorted(ARCHS) if args.archs == "all" else args.archs.split(",")
+    archs = [DENSE_ARCH] + sorted(ARCHS) if args.archs == "all" else args.archs.split(",")
     base_wps, rows = None, []
     for arch in archs:
         extra = []
@@ -260,7 +262,7 @@ def e2e_suite(args, emit):
             emit({"suite": "e2e", "arch": arch, "error": (proc.stdout + proc.stderr)[-400:]})
             continue
         wps = float(m[-1])
-        base_wps = base_wps or (wps if arch == "transformer_lm" else None)
+        base_wps = base_wps or (wps if arch == DENSE_ARCH else None)
         row = {"suite": "e2e", "arch": arch, "wps": wps, "ratio": wps / base_wps if base_wps else None}
         emit(row)
         rows.append(row)
@@ -286,7 +288,7 @@ def markdown(args, layer_rows, assign_rows, e2e_rows):
             out.append(f"| {name} | {k or '-'} | " + " | ".join(cells) + " |")
         out.append("")
     if e2e_rows:
-        out += ["### End to end: fairseq-train words/s over transformer_lm (same shape, same active compute)", "",
+        out += ["### End to end: fairseq-train words/s over dense_lm (same shape, same active compute)", "",
                 "| arch | words/s | ratio |", "|---|---:|---:|"]
         for r in e2e_rows:
             out.append(f"| {r['arch']} | {r['wps']:.0f} | {r['ratio']:.2f} |" if r["ratio"] else f"| {r['arch']} | {r['wps']:.0f} | - |")

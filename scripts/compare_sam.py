@@ -13,7 +13,8 @@ Steps:
    Switch measured side by side, so they survive a busy machine);
 5. a Markdown table (stdout and ``--out``/results.md, plus results.json).
 
-Run: ``python scripts/compare_sam.py`` (9 to 11 minutes on a shared 2-core CPU container);
+Run: ``python scripts/compare_sam.py`` (9 to 11 minutes on a shared 2-core CPU container;
+``--with-hetu`` adds a K = 2 run with Hetu's SAM-gate formulation);
 ``--bench-only --embed-dim 256 --ffn-dim 1024 --max-tokens 4096`` runs only the layer benchmark.
 """
 
@@ -35,6 +36,15 @@ RUNS = [
     ("sam_lm K=2", "sam_lm", 2, ["--moe-top-k", "2"]),
     ("sam_lm K=4", "sam_lm", 4, ["--moe-top-k", "4"]),
 ]
+
+
+#: Hetu's SAM gate formulation (docs/sam.md): its losses, their weights (1, and no group
+#: loss), router bias, init and capacity rounding; capacity factors stay the common ones so
+#: that only the formulation differs from "sam_lm K=2". Opt-in: --with-hetu.
+HETU_FLAGS = ["--sam-expert-balance", "global", "--sam-balance-slots", "all", "--sam-align-reduction", "sum",
+              "--sam-align-detach-kth", "--sam-router-bias", "--moe-router-init", "xavier",
+              "--sam-capacity-rounding", "per_slot", "--moe-loss-weights", "balance_group=0,balance_expert=1,align=1"]
+HETU_RUN = ("sam_lm K=2 Hetu formulation", "sam_lm", 2, ["--moe-top-k", "2", *HETU_FLAGS])
 
 
 def run(cmd, log_path):
@@ -71,6 +81,9 @@ def main(argv=None):
                    help="only the interleaved MoE-layer benchmark at the given sizes (e.g. --embed-dim 256 "
                    "--ffn-dim 1024 --max-tokens 4096); prints ms and the ratio to switch")
     p.add_argument("--runs", default="all", help="comma-separated labels' archs+K, e.g. 'sam_lm K=2' (default all)")
+    p.add_argument("--with-hetu", action="store_true",
+                   help="add a SAM K=2 run with Hetu's SAM-gate formulation (losses, weights, bias, init, capacity "
+                   "rounding; docs/sam.md), about 2 more minutes")
     args = p.parse_args(argv)
     py = sys.executable
     if args.bench_only:
@@ -113,7 +126,7 @@ def main(argv=None):
     ]
     wanted = None if args.runs == "all" else set(s.strip() for s in args.runs.split(","))
     rows = []
-    for label, arch, k, extra in RUNS:
+    for label, arch, k, extra in RUNS + ([HETU_RUN] if args.with_hetu else []):
         if wanted is not None and label not in wanted and arch not in wanted:
             continue
         t0 = time.time()
@@ -144,8 +157,8 @@ def main(argv=None):
 
     if args.bench_rounds > 0:
         bench = layer_bench(args, args.bench_rounds)
-        for r in rows:
-            r["layer_ms"] = 1000 * bench[r["label"]]
+        for r in rows:  # the Hetu run has the K=2 layer's cost: not benchmarked separately
+            r["layer_ms"] = 1000 * bench[r["label"]] if r["label"] in bench else None
     args.load_average = os.getloadavg()  # the machine is shared: say how busy it was
     md = render(rows, truth, args, time.time() - t_start)
     with open(os.path.join(args.out, "results.md"), "w") as f:

@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
-"""make demo: every registered arch against fairseq's dense transformer_lm on the synthetic corpus.
+"""make demo: every registered arch against the dense baseline dense_lm on the synthetic corpus.
 
 1. Generates the synthetic corpus (data-prep/synthetic.py; its truth.json holds the exact
    perplexity of the generating source) and binarises it with fairseq-preprocess.
-2. Trains fairseq's ``transformer_lm`` and every arch registered by a moe_plugin router
-   (switch_lm, gshard_lm, and whatever later routers register) with the same shape and
-   the same active FFN compute per token: an arch that activates K experts gets experts of
-   hidden size F/K. Fixed number of updates on CPU.
+2. Trains the dense baseline ``dense_lm`` (the MoE archs' model without MoE layers, so
+   the same embedding, normalisation and final LayerNorm; fairseq's ``transformer_lm``
+   builds another model from the same flags: docs/fidelity.md, section dense) and every
+   arch registered by a moe_plugin router (switch_lm, gshard_lm, and whatever later
+   routers register) with the same shape and the same active FFN compute per token: an
+   arch that activates K experts gets experts of hidden size F/K. Fixed number of updates
+   on CPU.
 3. Evaluates each checkpoint with fairseq-eval-lm on valid and test.
 4. Prints and writes results/demo/results.md (and results.json).
 
@@ -43,12 +46,13 @@ def quiet_imports():
 
 def main(argv=None):
     quiet_imports()
-    from moe_plugin.routing import ARCHS, DEMO_ARGS
+    from moe_plugin.config import DENSE_ARCH
+    from moe_plugin.routing import ARCHS
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(ROOT, "results", "demo"))
     p.add_argument("--data", default=os.path.join(ROOT, "data", "synthetic"))
-    p.add_argument("--archs", default="all", help="comma-separated subset, default: transformer_lm + every registered arch")
+    p.add_argument("--archs", default="all", help="comma-separated subset, default: dense_lm + every registered arch")
     p.add_argument("--max-update", type=int, default=200)
     p.add_argument("--train-tokens", type=int, default=2_000_000)
     p.add_argument("--embed-dim", type=int, default=128)
@@ -76,12 +80,13 @@ def main(argv=None):
     truth = json.load(open(os.path.join(args.data, "truth.json")))
 
     # 2. train + 3. evaluate --------------------------------------------------------------
-    archs = ["transformer_lm"] + sorted(ARCHS) if args.archs == "all" else args.archs.split(",")
+    archs = [DENSE_ARCH] + sorted(ARCHS) if args.archs == "all" else args.archs.split(",")
     common = [
         data_bin, "--task", "language_modeling", "--user-dir", os.path.join(ROOT, "moe_plugin"),
         "--cpu", "--criterion", "moe_cross_entropy", "--seed", str(args.seed),
         "--decoder-layers", str(args.layers), "--decoder-embed-dim", str(args.embed_dim),
         "--decoder-ffn-embed-dim", str(args.ffn_dim), "--decoder-attention-heads", "4",
+        # the moe_lm archs' defaults, spelled out so that fairseq's transformer_lm (--archs) matches
         "--decoder-input-dim", str(args.embed_dim), "--decoder-output-dim", str(args.embed_dim),
         "--share-decoder-input-output-embed", "--decoder-normalize-before", "--dropout", "0.0",
         "--tokens-per-sample", str(args.tokens_per_sample), "--max-tokens", str(args.max_tokens),

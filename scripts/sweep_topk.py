@@ -4,7 +4,7 @@
 
 For every checkpoint and every K in ``--ks`` (default 1,2,4,8,16) with K <= its expert
 count, runs fairseq-eval-lm with ``--model-overrides "{'moe_eval_top_k': K}"`` (the routers
-of ``hyper_lm`` and ``smoe_dropout_lm`` read it; see moe_plugin/routing/_topk.py). A
+of ``hyper_lm``, ``smoe_dropout_lm`` and ``smoe_lm`` read it; see moe_plugin/routing/_topk.py). A
 checkpoint whose router has no evaluation K (dense ``transformer_lm``, ``switch_lm``, ...)
 is evaluated once and drawn as a horizontal reference line.
 
@@ -52,7 +52,7 @@ def checkpoint_info(path):
     }
     sys.path.insert(0, ROOT)
     from moe_plugin.routing import ROUTER_REGISTRY
-    from moe_plugin.routing._topk import TopKSoftmaxRouter, scheduled_top_k
+    from moe_plugin.routing._topk import TopKSoftmaxRouter, scheduled_top_k, top_k_range
 
     cls = ROUTER_REGISTRY.get(info["router"]) if info["router"] else None
     info["has_eval_k"] = bool(cls is not None and issubclass(cls, TopKSoftmaxRouter) and info["experts"])
@@ -64,9 +64,8 @@ def checkpoint_info(path):
             # the routers' update-count buffer: the count of the last training forward
             counts = [int(v) for k, v in state["model"].items() if k.endswith("router.num_updates")]
             n = counts[0] if counts else max((info["num_updates"] or 0) - 1, 0)
-            info["train_top_k"] = scheduled_top_k(
-                sched, get("moe_top_k_min"), get("moe_top_k_max") or info["experts"],
-                get("moe_top_k_schedule_updates"), n)
+            k_min, k_max = top_k_range(get("moe_top_k_min", 0), get("moe_top_k_max", 0), info["experts"])
+            info["train_top_k"] = scheduled_top_k(sched, k_min, k_max, get("moe_top_k_schedule_updates"), n)
     return info
 
 

@@ -247,10 +247,216 @@ def router_job(name):
     return job
 
 
+# ----------------------------------------------------------------------------------------
+# BASE's token shuffle (--base-shuffle, moe_plugin/parallel/shuffle.py)
+# ----------------------------------------------------------------------------------------
+SH_D, SH_F, SH_E = 8, 16, 4
+#: case -> per rank: (batch, length, padding positions at the end of the last sequence)
+SH_CASES = {
+    "uneven": [(3, 5, 2), (2, 6, 0)],  # 13 and 12 real tokens: uneven chunks
+    "equal": [(2, 8, 0), (4, 4, 0)],  # 16 each: fairseq's equal chunks of 8
+    "rank1_only_padding": [(2, 4, 1), (1, 3, 3)],  # rank 1 has no real token
+}
+#: layer kinds of the shuffle jobs: data-parallel (every rank holds all E experts) and expert-parallel
+SH_MODES = ("local", "expert_parallel")
+
+
+def shuffle_inputs(case: str, rank: int):
+    """(x (L, B, D), TokenInfo, output weights (L, B, D)) of rank ``rank``. Rank r's tokens
+    lie near expert r's centroid (:func:`build_shuffle_layer`): without the shuffle each
+    rank balances over tokens that all prefer one expert, with it over a mix."""
+    from tests.helpers import token_info
+
+    B, L, pads = SH_CASES[case][rank]
+    g = torch.Generator().manual_seed(500 + 10 * list(SH_CASES).index(case) + rank)
+    ids = torch.randint(4, 50, (B, L), generator=g)
+    if pads:
+        ids[-1, L - pads:] = 1
+    centroid = shuffle_centroids()[rank]
+    x = 0.5 * torch.randn(L, B, SH_D, generator=g) + 3.0 * centroid
+    out_w = torch.randn(L, B, SH_D, generator=g)
+    return x, token_info(ids), out_w
+
+
+def shuffle_centroids() -> torch.Tensor:
+    return torch.randn(SH_E, SH_D, generator=torch.Generator().manual_seed(41))
+
+
+def build_shuffle_layer(mode: str, shuffle: bool = True, checkpoint: bool = False):
+    """A BaseLayer (2 sublayers, every weight non-trivial, centroids of :func:`shuffle_centroids`)."""
+    from moe_plugin.base_layer import BaseLayer
+    from tests.helpers import router_cfg
+
+    cfg = router_cfg("balanced", moe_expert_count=SH_E, moe_expert_parallel=(mode == "expert_parallel"),
+                     moe_seed=7)
+    torch.manual_seed(0)
+    layer = BaseLayer(cfg, SH_D, SH_F, num_sublayers=2, shuffle=shuffle, layer_index=3)
+    first, stop = layer.moe.dispatcher.expert_range if mode == "expert_parallel" else (0, SH_E)
+    with torch.no_grad():
+        for i, p in enumerate(layer.moe.experts.parameters()):
+            g = torch.Generator().manual_seed(i)
+            p.add_(0.3 * torch.randn((SH_E,) + tuple(p.shape[1:]), generator=g)[first:stop])
+        layer.moe.router.expert_centroids.copy_(0.5 * shuffle_centroids())
+    layer.checkpoint_activations = checkpoint
+    return layer
+
+
+def shuffle_plan_job(case):
+    """The plan alone, on tokens marked by (rank, row): what each rank receives, the round
+    trip through an identity layer, and the gradient of sum(received * w)."""
+
+    def job(rank, world):
+        from moe_plugin.parallel import shuffle as sh
+
+        B, L, _ = SH_CASES[case][rank]
+        _, tok, _ = shuffle_inputs(case, rank)
+        T = B * L
+        x = torch.stack([torch.full((T,), float(rank)), torch.arange(T, dtype=torch.float)], 1)
+        x.requires_grad_(True)
+        plan = sh.plan_shuffle(T, tok, sh.shuffle_generator(sh.shuffle_seed(1, 0, rank, 0, 0)), x.device)
+        x_RD = plan.send(x)
+        w = torch.randn(x_RD.shape, generator=torch.Generator().manual_seed(60 + rank))
+        (x_RD * w).sum().backward()
+        back = plan.back(x_RD.detach())
+        return {"order": plan.order_V, "send": plan.send_W, "recv": plan.recv_W, "rows": x_RD.detach(),
+                "ids": plan.tokens_R.ids_T, "positions": plan.tokens_R.positions_T, "w": w,
+                "grad": x.grad.detach(), "back": back}
+
+    return job
+
+
+def shuffle_layer_job(case, mode):
+    """The BaseLayer with --base-shuffle in training: output, input gradient, parameter
+    gradients, the plan it drew, its stats; the same with activation checkpointing; the
+    evaluation output; the permutation policy (same coordinates -> same permutation)."""
+
+    def job(rank, world):
+        x0, tok, out_w = shuffle_inputs(case, rank)
+        res = {}
+        for name, ckpt in (("plain", False), ("checkpointed", True)):
+            layer = build_shuffle_layer(mode, checkpoint=ckpt).train()
+            layer.moe.token_source = lambda: tok
+            layer.set_num_updates(5)
+            x = x0.clone().requires_grad_(True)
+            rng_before = torch.get_rng_state()
+            y, _, _ = layer(x)
+            (y * out_w).sum().backward()
+            res.setdefault("global_rng_untouched", True)
+            res["global_rng_untouched"] &= torch.equal(rng_before, torch.get_rng_state())
+            plan = layer.last_shuffle
+            res[name] = {
+                "y": y.detach(), "grad_x": x.grad.detach(),
+                "grads": {n: p.grad.detach().clone() for n, p in layer.named_parameters() if p.grad is not None},
+                "order": plan.order_V, "send": plan.send_W, "recv": plan.recv_W,
+                "tokens_per_expert": layer.moe.last_stats["tokens_per_expert"],
+                "num_tokens": int(layer.moe.last_stats["num_tokens"]),
+            }
+        # the same coordinates draw the same permutation; the next forward of the update another
+        y2, _, _ = layer(x0)
+        res["second_order"] = layer.last_shuffle.order_V
+        layer.set_num_updates(6)
+        layer.set_num_updates(5)  # a resumed run sets the count again: the count restarts
+        layer(x0)
+        res["resumed_order"] = layer.last_shuffle.order_V
+        layer.eval()
+        with torch.no_grad():
+            res["y_eval"] = layer(x0)[0]
+        res["eval_shuffled"] = layer.last_shuffle is not None
+        return res
+
+    return job
+
+
+# ----------------------------------------------------------------------------------------
+# fairseq's own BaseLayer (fairseq/modules/base_layer.py) on W ranks: one expert per rank
+# ----------------------------------------------------------------------------------------
+FS_D, FS_F, FS_S = 8, 16, 2
+FS_E = W  # fairseq: one expert per worker
+FS_SHAPE = (6, 2)  # (length, batch): 12 tokens per rank, no padding (fairseq routes padding)
+#: a_t0 - a_t1 of each rank's tokens (in a shuffled order): 8 prefer expert 0 on rank 0, but the
+#: balanced optimum sends the 6 strongest there; unique optima, by margins of 1.7 and 0.9
+FS_MARGINS = [
+    [4.0, 3.6, 3.2, 2.8, 2.4, 2.0, 0.3, 0.2, -1.0, -1.5, -2.0, -2.5],
+    [-4.0, -3.4, -2.9, -2.5, 1.1, 0.6, -0.4, -0.3, 2.6, 3.0, 3.3, 3.9],
+]
+
+
+def fairseq_centroids() -> torch.Tensor:
+    return torch.nn.init.orthogonal_(torch.empty(FS_E, FS_D), gain=1.0, generator=torch.Generator().manual_seed(3))
+
+
+def fairseq_expert_weights(e: int):
+    """Per sublayer s: (LN weight (D,), LN bias (D,), ff1 weight (F, D), ff1 bias (F,),
+    ff2 weight (D, F), ff2 bias (D,)) of expert e; ff2 is not zero (fairseq zeroes it)."""
+    g = torch.Generator().manual_seed(90 + e)
+    out = []
+    for _ in range(FS_S):
+        out.append((1 + 0.2 * torch.randn(FS_D, generator=g), 0.1 * torch.randn(FS_D, generator=g),
+                    0.3 * torch.randn(FS_F, FS_D, generator=g), 0.1 * torch.randn(FS_F, generator=g),
+                    0.3 * torch.randn(FS_D, FS_F, generator=g), 0.1 * torch.randn(FS_D, generator=g)))
+    return out
+
+
+def fairseq_inputs(rank: int):
+    """(x (L, B, D), output weights): ``x_t . (w_0 - w_1) = FS_MARGINS[rank][t]`` exactly, plus
+    components along w_0 + w_1 (so alpha varies) and orthogonal to both centroids."""
+    g = torch.Generator().manual_seed(700 + rank)
+    w = fairseq_centroids().double()
+    diff, common = w[0] - w[1], w[0] + w[1]
+    d_T = torch.tensor(FS_MARGINS[rank], dtype=torch.float64)
+    T = d_T.numel()
+    noise = torch.randn(T, FS_D, generator=g).double()
+    q, _ = torch.linalg.qr(w.t())  # (D, 2) basis of the centroids' span
+    noise = noise - noise @ q @ q.t()
+    x = d_T[:, None] * diff / diff.dot(diff) + torch.randn(T, 1, generator=g).double() * common / 2 + noise
+    L, B = FS_SHAPE
+    out_w = torch.randn(L, B, FS_D, generator=g)
+    return x.float().view(L, B, FS_D), out_w
+
+
+def fairseq_base_job():
+    """fairseq's BaseLayer with base_shuffle off, expert = rank: training (input requires
+    grad: balanced assignment, libbase) and evaluation (greedy) outputs and gradients."""
+
+    def job(rank, world):
+        import argparse
+
+        from fairseq.modules.base_layer import BaseLayer as FairseqBaseLayer
+
+        args = argparse.Namespace(decoder_embed_dim=FS_D, decoder_ffn_embed_dim=FS_F, base_sublayers=FS_S,
+                                  base_shuffle=False, activation_fn="relu")
+        layer = FairseqBaseLayer(args)
+        assert layer.num_workers == FS_E and layer.expert_id == rank
+        with torch.no_grad():
+            layer.expert_centroids.copy_(fairseq_centroids())
+            for sub, (lw, lb, w1, b1, w2, b2) in zip(layer.expert_network, fairseq_expert_weights(rank)):
+                for p, v in ((sub.norm.weight, lw), (sub.norm.bias, lb), (sub.ff1.weight, w1), (sub.ff1.bias, b1),
+                             (sub.ff2.weight, w2), (sub.ff2.bias, b2)):
+                    p.copy_(v)
+        x0, out_w = fairseq_inputs(rank)
+        res = {}
+        for mode in ("train", "eval"):
+            layer.zero_grad(set_to_none=True)
+            x = x0.clone().requires_grad_(mode == "train")  # fairseq's switch: input.requires_grad
+            y = layer(x)[0]
+            (y * out_w).sum().backward()
+            res[mode] = {
+                "y": y.detach(),
+                "grad_x": x.grad.detach() if x.grad is not None else None,
+                "grads": {n: p.grad.detach().clone() for n, p in layer.named_parameters() if p.grad is not None},
+            }
+        return res
+
+    return job
+
+
 def jobs() -> List[Tuple[str, object]]:
     out = [(f"a2a/{c}", a2a_job(c)) for c in A2A_SPLITS]
     out += [(f"dispatch/{c}", disp_job(c)) for c in DISP_CASES]
     out += [(f"router/{n}", router_job(n)) for n in layer_names()]
+    out += [(f"shuffle_plan/{c}", shuffle_plan_job(c)) for c in SH_CASES]
+    out += [(f"shuffle_layer/{c}/{m}", shuffle_layer_job(c, m)) for c in SH_CASES for m in SH_MODES]
+    out += [("fairseq_base", fairseq_base_job())]
     return out
 
 

@@ -10,13 +10,19 @@ from moe_plugin.routing import ARCHS, ROUTER_REGISTRY, TokenInfo, VocabInfo
 
 def router_cfg(name: str, **overrides):
     """MoEConfig for router ``name`` with its arch's defaults (as --arch would give)."""
+    known = {f.name for f in dataclasses.fields(MoEConfig)}
     values = {"moe_router": name}
     for arch, (router, defaults) in ARCHS.items():
         if router == name:
-            values.update(defaults)
+            # an arch's defaults may name fairseq options too (base_layers): not MoEConfig's
+            values.update({k: v for k, v in defaults.items() if k in known})
+    if "moe_gating_use_fp32" in overrides:  # the config's derived property
+        overrides["moe_no_gating_fp32"] = not overrides.pop("moe_gating_use_fp32")
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise TypeError(f"router_cfg: {unknown} are not MoEConfig fields")
     values.update(overrides)
-    known = {f.name for f in dataclasses.fields(MoEConfig)}
-    return MoEConfig(**{k: v for k, v in values.items() if k in known})
+    return MoEConfig(**values)
 
 
 def token_info(ids_BT: torch.Tensor, pad: int = 1) -> TokenInfo:

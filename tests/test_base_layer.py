@@ -232,6 +232,20 @@ def test_options_reach_the_base_layers(tiny_corpus):
     assert len(kinds) == 2 and all(isinstance(m, MoELayer) for _, m in model.moe_layers())
 
 
+def test_shuffle_default_is_fairseqs_transformer_lm_default(tiny_corpus):
+    """fairseq's ``transformer_lm --base-layers 1`` shuffles (its dataclass default 1; fairseq's
+    base_lm_architecture alone would say False); base_lm does the same, and --base-shuffle 0 turns it off."""
+    _, data_bin = tiny_corpus
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, [data_bin, "--task", "language_modeling", "--arch", "transformer_lm",
+                                                "--base-layers", "1"])
+    fairseq_default = bool(convert_namespace_to_omegaconf(args).model.base_shuffle)
+    for extra, expected in (([], fairseq_default), (["--base-shuffle", "0"], False)):
+        _, model = build(data_bin, "base_lm", "--decoder-layers", "2", *extra)
+        assert [m.shuffle for m in model.decoder.layers if isinstance(m, BaseLayer)] == [expected]
+    assert fairseq_default
+
+
 @pytest.mark.parametrize(
     "extra,option",
     [
@@ -258,3 +272,225 @@ def test_incremental_decoding_equals_full_forward(tiny_corpus):
         state = {}
         steps = [model.decoder(src[:, : t + 1], incremental_state=state)[0] for t in range(src.shape[1])]
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------- fairseq's BaseLayer
+
+
+def ours_with_fairseq_weights(E, centroids_ED, expert_weights):
+    """moe_plugin's BaseLayer holding fairseq's weights: centroids, and per expert e and
+    sublayer s fairseq's (norm.weight, norm.bias, ff1.weight, ff1.bias, ff2.weight, ff2.bias)."""
+    from tests import ep_cases
+
+    layer = BaseLayer(router_cfg("balanced", moe_expert_count=E), ep_cases.FS_D, ep_cases.FS_F, ep_cases.FS_S, "relu")
+    bank = layer.moe.experts
+    with torch.no_grad():
+        layer.moe.router.expert_centroids.copy_(centroids_ED)
+        for e, subs in enumerate(expert_weights):
+            for s, (lw, lb, w1, b1, w2, b2) in enumerate(subs):
+                bank.ln_weight_ESD[e, s] = lw
+                bank.ln_bias_ESD[e, s] = lb
+                bank.ffns[s].w1_EDF[e] = w1.t()
+                bank.ffns[s].b1_EF[e] = b1
+                bank.ffns[s].w2_EFD[e] = w2.t()
+                bank.ffns[s].b2_ED[e] = b2
+    return layer
+
+
+def fairseq_names(E, S):
+    """Our parameter (name, index) for each of fairseq's: expert e's sublayer s on rank e."""
+    out = {}
+    for s in range(S):
+        out[f"expert_network.{s}.norm.weight"] = lambda o, e, s=s: o["moe.experts.ln_weight_ESD"][e, s]
+        out[f"expert_network.{s}.norm.bias"] = lambda o, e, s=s: o["moe.experts.ln_bias_ESD"][e, s]
+        out[f"expert_network.{s}.ff1.weight"] = lambda o, e, s=s: o[f"moe.experts.ffns.{s}.w1_EDF"][e].t()
+        out[f"expert_network.{s}.ff1.bias"] = lambda o, e, s=s: o[f"moe.experts.ffns.{s}.b1_EF"][e]
+        out[f"expert_network.{s}.ff2.weight"] = lambda o, e, s=s: o[f"moe.experts.ffns.{s}.w2_EFD"][e].t()
+        out[f"expert_network.{s}.ff2.bias"] = lambda o, e, s=s: o[f"moe.experts.ffns.{s}.b2_ED"][e]
+    return out
+
+
+def brute_force_balanced(scores_TE):
+    """(best assignment, best total, second-best total) over every balanced assignment (E = 2)."""
+    import itertools
+
+    T = scores_TE.shape[0]
+    totals = []
+    for first in itertools.combinations(range(T), T // 2):
+        e_T = torch.ones(T, dtype=torch.long)
+        e_T[list(first)] = 0
+        totals.append((float(scores_TE.double().gather(1, e_T[:, None]).sum()), e_T))
+    totals.sort(key=lambda t: -t[0])
+    return totals[0][1], totals[0][0], totals[1][0]
+
+
+@pytest.mark.distributed
+def test_same_as_fairseqs_base_layer_on_two_ranks():
+    """fairseq's BaseLayer (2 gloo ranks, one expert each, --base-shuffle 0: job
+    ``fairseq_base`` of tests/ep_cases.py) against moe_plugin's BaseLayer with the same weights
+    and E = 2 in one process, rank by rank: the same output and input gradient in training
+    (balanced assignment; inputs with a unique optimum, checked by brute force, so libbase and
+    our solver must agree) and in evaluation (greedy); the parameter gradients summed over
+    ranks (what the all-reduce sums; fairseq keeps expert e's on rank e, unreduced)."""
+    from tests import ep_cases
+    from tests._ep_jobs import result, worker_results
+
+    W = ep_cases.W
+    results = worker_results(W)
+    experts = [ep_cases.fairseq_expert_weights(e) for e in range(ep_cases.FS_E)]
+    ours = ours_with_fairseq_weights(ep_cases.FS_E, ep_cases.fairseq_centroids(), experts)
+    names = fairseq_names(ep_cases.FS_E, ep_cases.FS_S)
+    for mode in ("train", "eval"):
+        ours.train(mode == "train")
+        ours.zero_grad(set_to_none=True)
+        theirs = [result(results, r, "fairseq_base")[mode] for r in range(W)]
+        for r in range(W):
+            x0, out_w = ep_cases.fairseq_inputs(r)
+            scores = x0.reshape(-1, ep_cases.FS_D) @ ep_cases.fairseq_centroids().t()
+            best, top, second = brute_force_balanced(scores)
+            assert top - second > 0.5  # a unique optimum, by a margin (0.9 and 1.7)
+            if mode == "train":
+                assert torch.equal(ours.moe.router(x0.reshape(-1, ep_cases.FS_D)).expert_ids_TK[:, 0], best)
+            ours.moe.router.last_prices_E = torch.zeros(0)  # each rank solves its batch cold
+            x = x0.clone().requires_grad_(mode == "train")
+            y = ours(x)[0]
+            (y * out_w).sum().backward()
+            torch.testing.assert_close(theirs[r]["y"], y.detach(), rtol=1e-5, atol=1e-5)
+            if mode == "train":
+                torch.testing.assert_close(theirs[r]["grad_x"], x.grad, rtol=1e-5, atol=1e-5)
+        grads = {n: p.grad for n, p in ours.named_parameters()}
+        # fairseq's centroid row e gets its gradient (through alpha) on rank e; the rest is 0
+        torch.testing.assert_close(sum(t["grads"]["expert_centroids"] for t in theirs),
+                                   grads["moe.router.expert_centroids"], rtol=1e-5, atol=1e-5)
+        for name, ours_of in names.items():
+            for e in range(ep_cases.FS_E):
+                torch.testing.assert_close(theirs[e]["grads"][name], ours_of(grads, e), rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A 1-process gloo group (fairseq's BaseLayer calls torch.distributed even on one worker)."""
+    import torch.distributed as dist
+    from fairseq.distributed import utils as distributed_utils
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    yield
+    if hasattr(distributed_utils.get_global_group, "_global_group"):  # fairseq caches the group
+        del distributed_utils.get_global_group._global_group
+    dist.destroy_process_group()
+
+
+def test_one_worker_fairseq_base_layer_evaluates_as_ours_but_cannot_train(one_process_group):
+    """One worker = one expert in fairseq. Evaluation: the same output and parameter
+    gradients as moe_plugin's E = 1 layer, except at padding (fairseq routes it, moe_plugin
+    passes it through). Training: fairseq's libbase assignment raises with one expert."""
+    import argparse
+
+    from fairseq.modules.base_layer import BaseLayer as FairseqBaseLayer
+
+    from tests import ep_cases
+
+    args = argparse.Namespace(decoder_embed_dim=ep_cases.FS_D, decoder_ffn_embed_dim=ep_cases.FS_F,
+                              base_sublayers=ep_cases.FS_S, base_shuffle=False, activation_fn="relu")
+    theirs = FairseqBaseLayer(args)
+    centroid = ep_cases.fairseq_centroids()[:1]
+    weights = ep_cases.fairseq_expert_weights(0)
+    with torch.no_grad():
+        theirs.expert_centroids.copy_(centroid)
+        for sub, vals in zip(theirs.expert_network, weights):
+            for p, v in zip((sub.norm.weight, sub.norm.bias, sub.ff1.weight, sub.ff1.bias, sub.ff2.weight,
+                             sub.ff2.bias), vals):
+                p.copy_(v)
+    ours = ours_with_fairseq_weights(1, centroid, [weights]).eval()
+    x, out_w = ep_cases.fairseq_inputs(0)
+    y_theirs = theirs(x)[0]  # x does not require grad: fairseq's evaluation (greedy)
+    (y_theirs * out_w).sum().backward()
+    y_ours = ours(x)[0]
+    (y_ours * out_w).sum().backward()
+    torch.testing.assert_close(y_theirs, y_ours, rtol=1e-5, atol=1e-5)
+    grads = {n: p.grad for n, p in ours.named_parameters()}
+    torch.testing.assert_close(theirs.expert_centroids.grad, grads["moe.router.expert_centroids"], rtol=1e-5,
+                               atol=1e-5)
+    for name, ours_of in fairseq_names(1, ep_cases.FS_S).items():
+        torch.testing.assert_close(dict(theirs.named_parameters())[name].grad, ours_of(grads, 0), rtol=1e-5,
+                                   atol=1e-5)
+    # padding: moe_plugin leaves it unchanged, fairseq computes the expert on it
+    L, B = ep_cases.FS_SHAPE
+    ids = torch.randint(4, 40, (B, L))
+    ids[-1, -2:] = 1
+    tok = token_info(ids)
+    ours.moe.token_source = lambda: tok
+    with torch.no_grad():
+        y_pad = ours(x)[0].reshape(-1, ep_cases.FS_D)
+    pad = tok.pad_mask_T
+    torch.testing.assert_close(y_pad[~pad], y_theirs.detach().reshape(-1, ep_cases.FS_D)[~pad])
+    assert torch.equal(y_pad[pad], x.reshape(-1, ep_cases.FS_D)[pad])
+    assert not torch.allclose(y_theirs.detach().reshape(-1, ep_cases.FS_D)[pad], x.reshape(-1, ep_cases.FS_D)[pad])
+    with pytest.raises(RuntimeError):
+        theirs(x.clone().requires_grad_(True))  # training: libbase's auction needs two experts
+
+
+def clustered_scores(T, E, seed):
+    """T/E tokens per cluster, every cluster leaning to the low experts: greedy is unbalanced."""
+    g = torch.Generator().manual_seed(seed)
+    cluster_T = torch.randperm(T, generator=g) % E
+    s_EE = torch.randn(E, E, generator=g) + torch.linspace(2, 0, E)
+    return s_EE[cluster_T] + 0.05 * torch.randn(T, E, generator=g)
+
+
+def scipy_balanced(a_TE, forbid=None):
+    """Exact balanced optimum (every expert's column repeated T/E times, LAPJV); ``forbid``
+    (t, e): token t may not go to expert e. Returns (expert_T, total)."""
+    import numpy as np
+    from scipy.optimize import linear_sum_assignment
+
+    T, E = a_TE.shape
+    k = T // E
+    cost = np.repeat(a_TE.double().numpy(), k, axis=1)
+    if forbid is not None:
+        cost[forbid[0], forbid[1] * k:(forbid[1] + 1) * k] = -1e9
+    rows, cols = linear_sum_assignment(cost, maximize=True)
+    expert_T = torch.empty(T, dtype=torch.long)
+    expert_T[torch.from_numpy(rows)] = torch.from_numpy(cols // k)
+    return expert_T, float(cost[rows, cols].sum())
+
+
+@pytest.mark.parametrize("T,E", [(32, 4), (48, 4), (64, 4), (64, 8)])
+def test_assignment_equals_fairseqs_where_the_optimum_is_unique(T, E):
+    """solve_balanced against fairseq's ``BaseLayer.balanced_assignment`` (libbase) on the same
+    scores. Where the optimum (scipy) is unique by a margin of at least 5 % of the score
+    range (every other balanced assignment moves some token off its optimal expert; the
+    cheapest such move is found by forbidding each token's expert in turn), both return it;
+    elsewhere ours scores at least as high as fairseq's and within 0.1 % of the optimum."""
+    import types
+
+    from fairseq import libbase
+    from fairseq.modules.base_layer import BaseLayer as FairseqBaseLayer
+
+    from moe_plugin.routing.balanced import solve_balanced
+
+    unique = 0
+    for seed in range(12):
+        a = clustered_scores(T, E, seed)
+        best, top = scipy_balanced(a)
+        margin = min(top - scipy_balanced(a, (t, int(best[t])))[1] for t in range(T))
+        # fairseq's method, unbound (its instance needs a process group; it only uses self.cpp)
+        perm = FairseqBaseLayer.balanced_assignment(types.SimpleNamespace(cpp=libbase), a.clone())[0]
+        theirs = torch.empty(T, dtype=torch.long)
+        theirs[perm] = torch.arange(E).repeat_interleave(T // E)
+        ours = solve_balanced(a).expert_T
+        assert not torch.equal(a.argmax(1), best)  # greedy is not the answer
+        if margin >= 0.05 * float(a.max() - a.min()):
+            unique += 1
+            assert torch.equal(theirs, best) and torch.equal(ours, best), seed
+        else:
+            ours_total, theirs_total = total_score(a, ours), total_score(a, theirs)
+            assert ours_total >= theirs_total - 1e-6 * abs(theirs_total), seed
+            assert ours_total >= top - 1e-3 * abs(top), seed
+    assert unique >= 1
+
+
+def total_score(a_TE, expert_T):
+    return float(a_TE.double().gather(1, expert_T[:, None]).sum())

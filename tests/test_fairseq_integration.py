@@ -25,7 +25,7 @@ def parse(data_bin, arch, *extra):
     parser = options.get_training_parser()
     args = options.parse_args_and_arch(
         parser, [data_bin, "--task", "language_modeling", "--user-dir", USER_DIR, "--arch", arch, "--cpu",
-                 "--criterion", "moe_cross_entropy", *SMALL, *map(str, extra)])
+                 "--criterion", "moe_cross_entropy", "--max-update", "100", *SMALL, *map(str, extra)])
     return convert_namespace_to_omegaconf(args)
 
 

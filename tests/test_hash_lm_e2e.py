@@ -106,22 +106,27 @@ def test_every_hash_type_trains_and_evaluates(tiny_corpus, kmeans_tables, tmp_pa
 
 
 def test_checkpoint_round_trip_keeps_routing(tiny_corpus, kmeans_tables, tmp_path):
-    """The table is read from the checkpoint: loading it with another --hash-seed (or with the
-    table file gone) routes exactly as the trained model did."""
+    """The table is read from the checkpoint: loading it with another --seed or --hash-seed
+    (or with the table file gone, or the training split gone) routes exactly as the trained
+    model did."""
     _, data_bin = tiny_corpus
-    ckpt = train_in_process(data_bin, tmp_path / "rand", *HASH_ARGS, "--hash-type", "random", "--hash-seed", 3,
+    # --hash-seed unset: the tables follow --seed (TINY_TRAIN's --seed 1)
+    ckpt = train_in_process(data_bin, tmp_path / "rand", *HASH_ARGS, "--hash-type", "random",
                             "--moe-layers", "0,1", updates=2)
     saved = torch.load(ckpt, map_location="cpu", weights_only=False)["model"]
-    torch.manual_seed(1234)
-    (model,), _ = checkpoint_utils.load_model_ensemble([ckpt], arg_overrides={"hash_seed": 99})
     src = torch.randint(4, 100, (3, 10))
-    for i, layer in model.moe_layers():
-        assert layer.router.seed == 99  # the override reached the router ...
-        fresh = hashed.random_table(layer.router.table_VN.shape[0], E, hashed.hash_generator(99, i, 0))
-        assert not torch.equal(fresh, layer.router.table_VN[:, 0])  # ... but its table was not kept
-        assert torch.equal(layer.router.table_VN, saved[f"decoder.layers.{i}.fc1.router.table_VN"])
-        ids = layer.router(torch.zeros(30, 32), tokens=token_info(src)).expert_ids_TK
-        assert torch.equal(ids, saved[f"decoder.layers.{i}.fc1.router.table_VN"][token_info(src).ids_T])
+    for overrides, seed in [({"moe_seed": 77}, 77), ({"hash_seed": 99}, 99)]:
+        torch.manual_seed(1234)
+        (model,), _ = checkpoint_utils.load_model_ensemble([ckpt], arg_overrides=overrides)
+        for i, layer in model.moe_layers():
+            trained = saved[f"decoder.layers.{i}.fc1.router.table_VN"]
+            assert torch.equal(trained[:, 0], hashed.random_table(trained.shape[0], E, hashed.hash_generator(1, i, 0)))
+            assert layer.router.seed == seed  # the override reached the router ...
+            fresh = hashed.random_table(layer.router.table_VN.shape[0], E, hashed.hash_generator(seed, i, 0))
+            assert not torch.equal(fresh, layer.router.table_VN[:, 0])  # ... but its table was not kept
+            assert torch.equal(layer.router.table_VN, trained)
+            ids = layer.router(torch.zeros(30, 32), tokens=token_info(src)).expert_ids_TK
+            assert torch.equal(ids, trained[token_info(src).ids_T])
 
     # clustered: evaluation works after the table file is gone
     _, tables = kmeans_tables
@@ -136,6 +141,21 @@ def test_checkpoint_round_trip_keeps_routing(tiny_corpus, kmeans_tables, tmp_pat
     ((_, layer),) = model.moe_layers()
     assert torch.equal(layer.router.table_VN, want)
     assert np.isfinite(eval_in_process(data_bin, ckpt)["loss"])
+
+    # balanced: packed from the training split's counts; evaluated where that split is absent
+    # (the counts fall back to dict.txt's), it routes by the checkpoint's table
+    import shutil
+
+    ckpt = train_in_process(data_bin, tmp_path / "bal", *HASH_ARGS, "--hash-type", "balanced", updates=2)
+    trained = torch.load(ckpt, map_location="cpu", weights_only=False)["model"]["decoder.layers.1.fc1.router.table_VN"]
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("dict.txt", "valid.bin", "valid.idx", "test.bin", "test.idx"):
+        shutil.copy(os.path.join(data_bin, name), bare / name)
+    (model,), _ = checkpoint_utils.load_model_ensemble([ckpt], arg_overrides={"data": str(bare)})
+    ((_, layer),) = model.moe_layers()
+    assert layer.router.counts_source == "dict.txt" and torch.equal(layer.router.table_VN, trained)
+    assert np.isfinite(eval_in_process(str(bare), ckpt)["loss"])
 
 
 def test_kmeans_script_recovers_planted_clusters(tmp_path):

@@ -23,7 +23,7 @@ from moe_plugin.experts import ExpertBank
 from moe_plugin.moe_layer import MoELayer, build_moe_layer
 from moe_plugin.routing import DROPPED, TokenInfo, VocabInfo, build_router
 from moe_plugin.routing import hashed
-from moe_plugin.routing._multihash import MultiHashMoELayer, multihash_ffn
+from moe_plugin.routing._multihash import HashMoELayer, multihash_ffn
 from moe_plugin.routing.hashed import HASH_TYPES
 from tests.conftest import ROOT, USER_DIR
 from tests.helpers import router_cfg, token_info
@@ -77,7 +77,7 @@ def key_of(hash_type, ids, t, b_row, prime=1000003):
     prev = int(ids[b_row, t - 1]) if t > 0 else PAD
     nxt = int(ids[b_row, t + 1]) if t + 1 < L else PAD
     return {
-        "random": x, "clustered": x, "dispersed": x, "balanced": prev if x == EOS else x,
+        "random": x, "clustered": x, "dispersed": x, "balanced": x,
         "previous": prev, "oracle": nxt, "bigram": (x, prev), "position": t,
     }[hash_type]
 
@@ -98,8 +98,9 @@ def test_same_key_same_expert_everywhere(hash_type, tmp_path):
                 k = key_of(hash_type, ids, t, b)
                 e = tuple(ids_TN[t, b].tolist())
                 assert seen.setdefault(k, e) == e, (hash_type, k)
-        assert torch.equal(out.weights_TK, torch.ones_like(out.weights_TK))
-        assert out.aux_losses == {}
+        assert torch.equal(out.weights_TK, torch.ones_like(out.weights_TK))  # unweighted expert output
+        assert out.aux_losses == {}  # no loss
+    assert not list(router.parameters())  # no router parameters
     assert len(set(seen.values())) > 1  # not a constant map
 
 
@@ -130,6 +131,18 @@ def trial_division_is_prime(n):
     return n > 1 and all(n % k for k in range(2, int(n**0.5) + 1))
 
 
+def test_balanced_eos_previous_routes_eos_by_the_previous_token():
+    r = make("balanced", hash_balanced_eos="previous")
+    ids = batch(4, 9, seed=3)
+    ids[1, 4] = ids[2, 0] = EOS
+    got = r(torch.randn(36, D), tokens=token_info(ids)).expert_ids_TK[:, 0].view(9, 4)
+    for t in range(9):
+        for b in range(4):
+            x = int(ids[b, t])
+            key = (int(ids[b, t - 1]) if t else PAD) if x == EOS else x
+            assert int(got[t, b]) == int(r.table_VN[key, 0])
+
+
 @pytest.mark.parametrize("hash_type", ["random", "balanced", "previous", "oracle"])
 def test_table_depends_on_hash_seed_only(hash_type):
     """One --hash-seed gives the same table under any global seed, and building it neither
@@ -145,6 +158,20 @@ def test_table_depends_on_hash_seed_only(hash_type):
     if hash_type != "balanced":  # (balanced tables differ only in ties; checked below)
         assert not torch.equal(a, make(hash_type, hash_seed=8, hash_multi=2).table_VN)
         assert not torch.equal(a, make(hash_type, hash_seed=7, hash_multi=2, layer_index=3).table_VN)
+
+
+def test_seed_follows_fairseq_seed_unless_hash_seed_is_given():
+    """--hash-seed unset: the tables follow moe_seed (fairseq's --seed; 1 outside fairseq);
+    an explicit --hash-seed fixes them whatever --seed is."""
+    a = make("random", moe_seed=3, hash_multi=2).table_VN
+    for i in range(2):  # the table is the seeded draw for (seed 3, layer 1, hash i)
+        assert torch.equal(a[:, i], hashed.random_table(V, E, hashed.hash_generator(3, 1, i)))
+    assert torch.equal(a, make("random", moe_seed=3, hash_multi=2).table_VN)
+    assert not torch.equal(a, make("random", moe_seed=4, hash_multi=2).table_VN)
+    fixed = make("random", moe_seed=3, hash_seed=9).table_VN
+    assert torch.equal(fixed, make("random", moe_seed=4, hash_seed=9).table_VN)
+    assert torch.equal(fixed[:, 0], hashed.random_table(V, E, hashed.hash_generator(9, 1, 0)))
+    assert torch.equal(make("random").table_VN, make("random", moe_seed=1).table_VN)
 
 
 def test_random_table_is_uniform():
@@ -168,34 +195,50 @@ def test_balanced_lpt_against_brute_force_optimum():
         assert best <= lpt <= 4 / 3 * best + 1e-9
 
 
-def fairseq_counts(train_txt, dict_path):
-    """Token counts exactly as fairseq-preprocess builds and fairseq-train loads them."""
+def true_counts(train_txt, tmp_path):
+    """(Dictionary as fairseq-train loads it, its dict.txt counts, the true counts of the
+    binarised train split): fairseq's own Dictionary over the text, every line + </s>."""
     from fairseq.data import Dictionary
     from fairseq.tokenizer import tokenize_line
 
     d = Dictionary()
     Dictionary.add_file_to_dictionary(str(train_txt), d, tokenize_line, 1)
     d.finalize(threshold=-1, nwords=-1, padding_factor=8)
-    eos_count = d.count[d.eos()]  # known in memory; dict.txt does not keep it
-    d.save(str(dict_path))
-    loaded = Dictionary.load(str(dict_path))
-    return loaded, eos_count
+    d.save(str(tmp_path / "dict.txt"))
+    loaded = Dictionary.load(str(tmp_path / "dict.txt"))
+    true = torch.zeros(len(loaded), dtype=torch.long)
+    with open(train_txt) as f:
+        for line in f:
+            for w in line.split():
+                true[loaded.index(w)] += 1
+            true[loaded.eos()] += 1
+    return loaded, torch.tensor(loaded.count, dtype=torch.long), true
+
+
+def routed_load(train_txt, d, table, experts, eos_mode):
+    """Slow reference: walk the training text token by token (</s> at every line end) and
+    add one to the expert the table gives each routed token."""
+    load = torch.zeros(experts, dtype=torch.float64)
+    with open(train_txt) as f:
+        for line in f:
+            ids = [d.index(w) for w in line.split()]
+            for x in ids:
+                load[table[x]] += 1
+            last = ids[-1] if ids else d.eos()
+            load[table[last] if eos_mode == "previous" else table[d.eos()]] += 1
+    return load
 
 
 def balanced_loads(text_dir, tmp_path, experts):
-    d, eos_count = fairseq_counts(os.path.join(text_dir, "train.txt"), tmp_path / "dict.txt")
-    counts = torch.tensor(d.count, dtype=torch.long)
-    voc = VocabInfo(size=len(d), pad=d.pad(), eos=d.eos(), counts_V=counts)
-    table = make("balanced", moe_expert_count=experts, voc=voc).table_VN[:, 0]
-    load = hashed.expected_load(table, counts, experts)
-    # </s> (routed by the previous token) adds, per line, one token to the last word's expert
-    eos_load = torch.zeros(experts, dtype=torch.float64)
-    with open(os.path.join(text_dir, "train.txt")) as f:
-        for line in f:
-            words = line.split()
-            eos_load[table[d.index(words[-1]) if words else d.eos()]] += 1
-    assert float(eos_load.sum()) == eos_count - 1  # fairseq starts every special symbol at count 1
-    return load, load + eos_load
+    """{eos mode: routed load} of balanced tables packed from the train split's true counts."""
+    train = os.path.join(text_dir, "train.txt")
+    d, _, counts = true_counts(train, tmp_path)
+    out = {}
+    for mode in ("table", "previous"):
+        voc = VocabInfo(size=len(d), pad=d.pad(), eos=d.eos(), counts_V=counts, counts_source="train split")
+        table = make("balanced", moe_expert_count=experts, voc=voc, hash_balanced_eos=mode).table_VN[:, 0]
+        out[mode] = routed_load(train, d, table, experts, mode)
+    return out
 
 
 def synthetic(tmp_path, *args):
@@ -209,9 +252,8 @@ def synthetic(tmp_path, *args):
 def test_balanced_table_load_small_synthetic_dictionary(tmp_path_factory, experts):
     """Default synthetic config (vocabulary, domains, Zipf shape) with fewer training tokens."""
     text = _small_syn(tmp_path_factory)
-    load, with_eos = balanced_loads(text, tmp_path_factory.mktemp("d"), experts)
-    assert float(load.max() / load.mean()) <= 1.05
-    assert float(with_eos.max() / with_eos.mean()) <= 1.05
+    for mode, load in balanced_loads(text, tmp_path_factory.mktemp("d"), experts).items():
+        assert float(load.max() / load.mean()) <= 1.05, mode
 
 
 _SMALL = {}
@@ -230,9 +272,8 @@ def test_balanced_table_load_default_synthetic_dictionary(tmp_path_factory, expe
     """The default synthetic corpus (python data-prep/synthetic.py --out DIR)."""
     if "default" not in _SMALL:
         _SMALL["default"] = synthetic(tmp_path_factory.mktemp("syndef"))
-    load, with_eos = balanced_loads(_SMALL["default"], tmp_path_factory.mktemp("d"), experts)
-    assert float(load.max() / load.mean()) <= 1.05
-    assert float(with_eos.max() / with_eos.mean()) <= 1.05
+    for mode, load in balanced_loads(_SMALL["default"], tmp_path_factory.mktemp("d"), experts).items():
+        assert float(load.max() / load.mean()) <= 1.05, mode
 
 
 # ---------------------------------------------------------------------------------------
@@ -318,8 +359,8 @@ def test_stats_shares():
 # ---------------------------------------------------------------------------------------
 
 
-def layer_for(hash_type, multi=1, ffn=12, tmp_path=None, act="relu"):
-    kw = {"hash_multi": multi}
+def layer_for(hash_type, multi=1, ffn=12, tmp_path=None, act="relu", norm=False):
+    kw = {"hash_multi": multi, "hash_expert_norm": norm}
     if hash_type in ("clustered", "dispersed"):
         kw["hash_table"], _ = table_file(tmp_path, multi=multi)
     cfg = router_cfg("hash", hash_type=hash_type, moe_expert_count=E, **kw)
@@ -381,7 +422,7 @@ def multihash_reference(x_TD, ids_TN, bank):
                                                  ("position", 4, "relu"), ("dispersed", 2, "relu")])
 def test_multihash_equals_per_token_equations(hash_type, multi, act, tmp_path):
     layer = layer_for(hash_type, multi=multi, tmp_path=tmp_path, act=act)
-    assert isinstance(layer, MultiHashMoELayer)
+    assert isinstance(layer, HashMoELayer)
     ids = batch(pad_tail=2)
     tok = token_info(ids)
     x = torch.randn(21, D, requires_grad=True)
@@ -408,6 +449,34 @@ def test_multihash_with_one_hash_is_the_hash_layer():
 
     torch.testing.assert_close(multihash_ffn(x, ids, bank, LocalDispatcher(E), False),
                                per_bucket_reference(x, ids[:, 0], bank))
+
+
+@pytest.mark.parametrize("multi", [1, 2])
+def test_expert_norm_is_parlai_ln_of_x_plus_ffn(multi):
+    """--hash-expert-norm: y_t = LN(x_t + FFN_k(t)(x_t)) with one LayerNorm shared by the
+    experts (ParlAI HashLayerFFN), padding 0; written out with F.layer_norm per token."""
+    layer = layer_for("random", multi=multi, norm=True)
+    assert isinstance(layer, HashMoELayer) and isinstance(layer.expert_norm, torch.nn.LayerNorm)
+    with torch.no_grad():  # a non-trivial affine part, shared by every expert
+        layer.expert_norm.weight.uniform_(0.5, 1.5)
+        layer.expert_norm.bias.uniform_(-0.5, 0.5)
+    ids = batch(pad_tail=2)
+    tok = token_info(ids)
+    x = torch.randn(21, D, requires_grad=True)
+    y = layer(x, tokens=tok)
+    ids_TN = layer.router(x, tokens=tok).expert_ids_TK
+    x2 = x.detach().clone().requires_grad_(True)
+    ffn = multihash_reference(x2, ids_TN, layer.experts) if multi > 1 else per_bucket_reference(
+        x2, ids_TN[:, 0], layer.experts)
+    ln = layer.expert_norm
+    ref = torch.stack([torch.zeros(D) if ids_TN[t, 0] < 0 else
+                       F.layer_norm(x2[t] + ffn[t], (D,), ln.weight, ln.bias, ln.eps) for t in range(21)])
+    torch.testing.assert_close(y, ref)
+    g = torch.randn_like(y)
+    params = [x] + list(layer.parameters())
+    for a, b in zip(torch.autograd.grad(y, params, g), torch.autograd.grad(ref, [x2] + params[1:], g)):
+        torch.testing.assert_close(a, b)
+    assert type(layer_for("random")) is MoELayer  # off by default: the paper's plain FFN
 
 
 def test_multihash_needs_divisible_dims():
@@ -498,3 +567,165 @@ def test_oracle_model_refuses_incremental_decoding(tiny_corpus):
         model(src)  # full forward (validation) is allowed
         with pytest.raises(ValueError, match="oracle"):
             model.decoder(src[:, :1], incremental_state={})
+
+
+def test_seed_through_fairseq_follows_seed_unless_hash_seed(tiny_corpus):
+    """Inside fairseq the tables follow --seed (moe_seed); --hash-seed fixes them."""
+    _, data_bin = tiny_corpus
+
+    def table(*extra):
+        _, model = build_fairseq(data_bin, "--moe-layers", "1", *extra)
+        ((_, layer),) = model.moe_layers()
+        return layer.router.seed, layer.router.table_VN
+
+    seed3, t3 = table("--seed", 3)
+    assert seed3 == 3 and torch.equal(t3[:, 0], hashed.random_table(t3.shape[0], 8, hashed.hash_generator(3, 1, 0)))
+    assert torch.equal(t3, table("--seed", 3)[1])
+    assert not torch.equal(t3, table("--seed", 4)[1])
+    s9, t9 = table("--seed", 3, "--hash-seed", 9)
+    assert s9 == 9 and torch.equal(t9, table("--seed", 4, "--hash-seed", 9)[1]) and not torch.equal(t9, t3)
+
+
+# ---------------------------------------------------------------------------------------
+# Balanced: token counts from the binarised training split
+# ---------------------------------------------------------------------------------------
+
+
+def fairseq_item_counts(prefix, size):
+    """Reference: fairseq's own dataset reader, item by item, for every shard (prefix, prefix1...)."""
+    from fairseq.data import data_utils
+
+    ds = data_utils.load_indexed_dataset(prefix, None, None, combine=True)
+    counts = torch.zeros(size, dtype=torch.long)
+    for i in range(len(ds)):
+        counts += torch.bincount(ds[i].long(), minlength=size)
+    return counts
+
+
+def test_count_split_equals_fairseq_items_with_shards_and_paths(tiny_corpus, tmp_path, monkeypatch):
+    import shutil
+    from fairseq.data import Dictionary
+
+    from moe_plugin.models import token_counts
+
+    text_dir, data_bin = tiny_corpus
+    size = len(Dictionary.load(os.path.join(data_bin, "dict.txt")))
+    want = fairseq_item_counts(os.path.join(data_bin, "train"), size)
+    counts, shards = token_counts.count_split(os.path.join(data_bin, "train"), size)
+    assert shards == 1 and torch.equal(torch.from_numpy(counts), want)
+    assert want[2] > 100  # </s> at its true count (one per line), not dict.txt's 1
+    # the chunked path (a small chunk) and the item-by-item path (fairseq's raw text dataset) agree
+    monkeypatch.setattr(token_counts, "CHUNK", 1000)
+    assert torch.equal(torch.from_numpy(token_counts.count_split(os.path.join(data_bin, "train"), size)[0]), want)
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    shutil.copy(os.path.join(text_dir, "train.txt"), raw / "train")
+    d = Dictionary.load(os.path.join(data_bin, "dict.txt"))
+    counts, _ = token_counts.count_split(str(raw / "train"), size, "raw", d)
+    assert torch.equal(torch.from_numpy(counts), want)
+    # a second shard (train1) and a second data path (a:b) are both counted, as fairseq trains on them
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("dict.txt", "train.bin", "train.idx"):
+        shutil.copy(os.path.join(data_bin, name), other / name)
+    for ext in ("bin", "idx"):
+        shutil.copy(os.path.join(data_bin, f"train.{ext}"), other / f"train1.{ext}")
+    counts, shards = token_counts.count_split(str(other / "train"), size)
+    assert shards == 2 and torch.equal(torch.from_numpy(counts), 2 * want)
+    task, _ = build_fairseq(f"{data_bin}:{other}", "--hash-type", "balanced")
+    assert torch.equal(token_counts.training_token_counts(task, "train", size), 3 * want)
+    with pytest.raises(ValueError, match="outside the dictionary"):
+        token_counts.count_split(os.path.join(data_bin, "train"), 5)
+
+
+def test_counts_are_read_only_for_balanced_and_fall_back_to_dict_with_a_warning(tiny_corpus, tmp_path, caplog):
+    import logging
+    import shutil
+
+    _, data_bin = tiny_corpus
+    with caplog.at_level(logging.INFO, logger="moe_plugin.models.token_counts"):
+        _, model = build_fairseq(data_bin, "--hash-type", "balanced")
+        ((_, layer),) = model.moe_layers()
+        assert layer.router.counts_source == "train split"
+        assert any("token counts:" in r.getMessage() for r in caplog.records)
+        caplog.clear()
+        build_fairseq(data_bin, "--hash-type", "random")  # other types never read the corpus
+        build_fairseq(data_bin, "--hash-type", "bigram")
+        assert not caplog.records
+        # no training split (e.g. evaluation on another machine): dict.txt counts, a warning
+        bare = tmp_path / "bare"
+        bare.mkdir()
+        for name in ("dict.txt", "valid.bin", "valid.idx"):
+            shutil.copy(os.path.join(data_bin, name), bare / name)
+        _, model = build_fairseq(str(bare), "--hash-type", "balanced")
+    ((_, layer),) = model.moe_layers()
+    assert layer.router.counts_source == "dict.txt"
+    assert any(r.levelno == logging.WARNING and "no training split" in r.getMessage() for r in caplog.records)
+
+
+def unk_corpus(tmp_path, unk_frac=0.11, lines=700, seed=0):
+    """Text in which ``unk_frac`` of the words occur once each (fairseq-preprocess
+    --thresholdsrc 2 maps them to <unk>), the rest from 150 words of similar frequency."""
+    rng = np.random.default_rng(seed)
+    common = [f"w{i}" for i in range(150)]
+    weights = rng.uniform(0.5, 1.5, len(common))
+    weights /= weights.sum()
+    rare = 0
+    out = []
+    for _ in range(lines):
+        words = []
+        for _ in range(int(rng.integers(20, 32))):
+            if rng.random() < unk_frac:
+                words.append(f"rare{rare}")
+                rare += 1
+            else:
+                words.append(common[rng.choice(len(common), p=weights)])
+        out.append(" ".join(words))
+    text = tmp_path / "text"
+    text.mkdir()
+    (text / "train.txt").write_text("\n".join(out[:-50]) + "\n")
+    (text / "valid.txt").write_text("\n".join(out[-50:]) + "\n")
+    data_bin = tmp_path / "data-bin"
+    from tests.conftest import run_cli
+
+    run_cli("preprocess", "--only-source", "--trainpref", text / "train.txt", "--validpref", text / "valid.txt",
+            "--destdir", data_bin, "--thresholdsrc", "2", "--workers", "1")
+    return str(data_bin)
+
+
+def test_balanced_with_many_unk_meets_the_lpt_bounds(tmp_path):
+    """11% of the training tokens are <unk>. With the training split's counts the routed
+    load of the training split obeys LPT's bounds: max <= mean + c_max and
+    <= 4/3 * max(mean, c_max) (a lower bound of the optimum). The old dict.txt counts
+    (<unk> and </s> at count 1) break the second: the test can fail."""
+    E = 8
+    data_bin = unk_corpus(tmp_path)
+    task, model = build_fairseq(data_bin, "--hash-type", "balanced", "--moe-expert-count", E)
+    ((_, layer),) = model.moe_layers()
+    router = layer.router
+    assert router.counts_source == "train split"
+    # route the training split exactly as training feeds it (the LM task's decoder inputs)
+    task.load_dataset("train")
+    ds = task.dataset("train")
+    src = torch.cat([ds[i]["source"] for i in range(len(ds))]).unsqueeze(0)
+    c = torch.bincount(src[0], minlength=len(task.dictionary)).double()
+    unk = task.dictionary.unk()
+    assert 0.09 < c[unk] / c.sum() < 0.13  # the corpus is what it claims
+    mean, c_max = c.sum() / E, c.max()
+
+    def load(r):
+        return r(torch.zeros(src.shape[1], 16), tokens=token_info(src, pad=task.dictionary.pad())).stats[
+            "tokens_per_expert"].double()
+
+    slack = 2  # the decoder input is the split shifted by one token per block stream
+    got = load(router).max()
+    assert got <= mean + c_max + slack
+    assert got <= 4 / 3 * max(mean, c_max) + slack
+    d = task.dictionary
+    dict_counts = torch.tensor(d.count, dtype=torch.long)
+    assert dict_counts[unk] == 1  # what dict.txt gives
+    voc = VocabInfo(size=len(d), pad=d.pad(), eos=d.eos(), counts_V=dict_counts)
+    for eos_mode in ("previous", "table"):  # the old default, and the fallback
+        cfg = router_cfg("hash", hash_type="balanced", moe_expert_count=E, hash_balanced_eos=eos_mode)
+        old = load(build_router(cfg, 16, vocab=voc, layer_index=1)).max()
+        assert old > 4 / 3 * max(mean, c_max) + slack, eos_mode

@@ -1,6 +1,7 @@
-"""hyper_lm and smoe_dropout_lm through fairseq-train / fairseq-eval-lm: the K schedule across a
-resume from checkpoint_last, the frozen parts absent from fairseq's optimizer and unchanged by
-training, evaluation at any K (--model-overrides), and scripts/sweep_topk.py."""
+"""hyper_lm and smoe_dropout_lm through fairseq-train / fairseq-eval-lm: the K schedule of every
+update against the reference's rule (across a resume from checkpoint_last, and with the
+schedule length defaulting to --max-update), the frozen parts absent from fairseq's optimizer
+and unchanged by training, evaluation at any K (--model-overrides), and scripts/sweep_topk.py."""
 
 import json
 import os
@@ -11,18 +12,22 @@ import sys
 import pytest
 import torch
 
-from moe_plugin.routing._topk import scheduled_top_k
 from tests.conftest import ROOT, TINY_MODEL, TINY_TRAIN, run_cli
+from tests.test_topk_schedule import reference_gate_number
 
 pytestmark = pytest.mark.e2e
 
 E = 4
 EVAL = ["--tokens-per-sample", "32", "--max-tokens", "512"]
-# K rises 1 -> 4 over 6 updates: K(n) = 1 + round(3 n / 6) = 1, 2, 2, 3, 3, 4 for n = 0..5
-HYPER = ["--arch", "hyper_lm", "--moe-expert-count", str(E), "--moe-top-k-schedule", "linear",
-         "--moe-top-k-min", "1", "--moe-top-k-max", "4", "--moe-top-k-schedule-updates", "6"]
-SMOE = ["--arch", "smoe_dropout_lm", "--moe-expert-count", str(E), "--moe-top-k-schedule", "multistep",
-        "--moe-top-k-min", "1", "--moe-top-k-schedule-updates", "4"]
+# one MoE layer (layer 1) of E experts; hyper: K rises 1 -> 4 over 4 updates, then stays:
+# K(n) = 1 + round(3 n / 4) (half to even) = 1, 2, 3, 3, 4, 4 (clipped) for n = 0..5; an explicit
+# length, since the two runs of the resume test have different --max-update
+HYPER = ["--arch", "hyper_lm", "--moe-expert-count", str(E), "--moe-freq", "2", "--moe-top-k-schedule",
+         "linear_increase", "--moe-top-k-min", "1", "--moe-top-k-max", "4", "--moe-top-k-schedule-updates", "4"]
+# smoe_dropout: the reference's multi-step list (1, 2, 4, 8, 16)[5 n // S] clipped to [1, E = 4], over the
+# default length S = --max-update = 4: K = 1, 2, 4, 4
+SMOE = ["--arch", "smoe_dropout_lm", "--moe-expert-count", str(E), "--moe-freq", "2", "--moe-top-k-schedule",
+        "multi_step_increase", "--moe-top-k-min", "1"]
 
 
 def train(data_bin, save_dir, arch_args, max_update):
@@ -80,8 +85,8 @@ def test_schedule_continues_after_resume(hyper_run):
     assert sorted(a) == [1, 2, 3] and sorted(b) == [4, 5, 6], (a, b)  # the second run resumed
     # update u runs its forward after u - 1 updates
     for u, k in {**a, **b}.items():
-        assert k == scheduled_top_k("linear", 1, 4, 6, u - 1), (u, k)
-    assert [b[u] for u in (4, 5, 6)] == [3, 3, 4]  # a restart from 0 would give 1, 2, 2
+        assert k == reference_gate_number("linear_increase", u - 1, 4, 1, 4), (u, k)
+    assert [b[u] for u in (4, 5, 6)] == [3, 4, 4]  # a restart from 0 would give 1, 2, 3
     state = torch.load(save / "checkpoint_last.pt", map_location="cpu", weights_only=False)
     assert state["optimizer_history"][-1]["num_updates"] == 6
     # the buffer holds the count of the last training forward (fairseq calls set_num_updates before
@@ -89,7 +94,16 @@ def test_schedule_continues_after_resume(hyper_run):
     counts = [int(v) for k, v in state["model"].items() if k.endswith("router.num_updates")]
     assert counts == [5]
     (_, layer), = _load(save / "checkpoint_last.pt").moe_layers()
-    assert int(layer.router.num_updates) == 5 and layer.router.eval().top_k == scheduled_top_k("linear", 1, 4, 6, 5)
+    layer.router.eval_top_k = 0  # evaluation at the training K reached
+    assert int(layer.router.num_updates) == 5 and layer.router.eval().top_k == 4
+
+
+def test_schedule_length_defaults_to_max_update(smoe_run):
+    _, _, log = smoe_run
+    logged = logged_top_k(log)
+    assert sorted(logged) == [1, 2, 3, 4]
+    assert [logged[u] for u in (1, 2, 3, 4)] == [reference_gate_number("multi_step_increase", u - 1, 4, 1, 4)
+                                                 for u in (1, 2, 3, 4)] == [1, 2, 4, 4]
 
 
 def _load(ckpt, **overrides):
@@ -136,7 +150,8 @@ def test_eval_k_override_changes_active_experts(hyper_run):
 
     ckpt = hyper_run[1] / "checkpoint_last.pt"
     tokens = torch.randint(4, 100, (3, 16), generator=torch.Generator().manual_seed(0))
-    for override, k in ((None, 4), (1, 1), (2, 2)):  # None: the K training reached (4)
+    # None: the default, all E = 4 experts; 0: the K of the last training update (K(5) = 4)
+    for override, k in ((None, 4), (0, 4), (1, 1), (2, 2)):
         model = _load(ckpt, **({} if override is None else {"moe_eval_top_k": override})).eval()
         with torch.no_grad():
             model(tokens)

@@ -115,7 +115,7 @@ def test_hyperrouter_plan_evaluates_at_two_and_all_experts(capsys):
         if run.meta["kind"] in ("hyper", "smoe_dropout"):
             assert [ev.overrides for ev in run.evals] == [{"moe_eval_top_k": 2}, {"moe_eval_top_k": 16}]
             ns = parse_train(R.train_args(plan, run))
-            assert (ns.moe_top_k_schedule, ns.moe_top_k_min, ns.moe_top_k_max) == ("linear", 8, 16)
+            assert (ns.moe_top_k_schedule, ns.moe_top_k_min, ns.moe_top_k_max) == ("linear_increase", 8, 16)
             assert ns.moe_top_k_schedule_updates == 400000
     sweeps = [s for s in plan.post if s.cmd[1] == "scripts/sweep_topk.py"]
     assert len(sweeps) == 3 and all("1,2,4,8,16" in s.cmd for s in sweeps)

@@ -37,11 +37,23 @@ def test_defaults_and_options_reach_the_router(tiny_corpus):
     r = layer.router
     assert (r.num_groups, r.experts_per_group, r.top_k, r.renormalize, r.expert_balance) == (4, 3, 3, True, "global")
     assert r.gate_bias is not None and "gate_bias" in dict(r.named_parameters())
+    assert (r.balance_slots, r.align_reduction, r.align_detach_kth, r.capacity_rounding) == ("first", "mean", False, "total")
+    # Hetu's formulation (docs/sam.md): every option as a fairseq flag
+    (_, layer), = build(data_bin, "--moe-expert-count", 8, "--sam-expert-balance", "global", "--sam-balance-slots", "all",
+                        "--sam-align-reduction", "sum", "--sam-align-detach-kth", "--sam-router-bias",
+                        "--moe-router-init", "xavier", "--sam-capacity-rounding", "per_slot").moe_layers()
+    r = layer.router
+    assert (r.expert_balance, r.balance_slots, r.align_reduction, r.align_detach_kth, r.capacity_rounding) == (
+        "global", "all", "sum", True, "per_slot")
+    assert r.gate_bias is not None
 
 
 @pytest.mark.parametrize("extra,option", [
     (["--moe-expert-count", 8, "--sam-groups", 3], "--sam-groups"),
     (["--moe-expert-count", 8, "--sam-groups", 4, "--moe-top-k", 3], "--moe-top-k"),
+    (["--sam-balance-slots", "second"], "--sam-balance-slots"),
+    (["--sam-align-reduction", "max"], "--sam-align-reduction"),
+    (["--sam-capacity-rounding", "floor"], "--sam-capacity-rounding"),
 ])
 def test_bad_options_fail_at_build_time(tiny_corpus, extra, option):
     _, data_bin = tiny_corpus

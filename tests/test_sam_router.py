@@ -13,12 +13,13 @@ from moe_plugin import config
 from moe_plugin.moe_layer import MoELayer
 from moe_plugin.experts import ExpertBank
 from moe_plugin.routing import DROPPED, build_router
-from moe_plugin.routing.interface import switch_balance_loss
+from moe_plugin.routing.interface import capacity, switch_balance_loss
 from moe_plugin.routing.sam import (
     alignment_loss,
     device_visits,
     expert_balance_loss,
     group_balance_loss,
+    per_slot_capacity,
     sam_select,
 )
 from tests.helpers import router_cfg, token_info
@@ -59,8 +60,11 @@ def ref_select(p, G, K, renorm):
     return torch.tensor(groups), torch.tensor(ids), torch.tensor(weights, dtype=p.dtype)
 
 
-def ref_losses(p, G, K, mode="in_group"):
-    """balance_group, balance_expert, align by their definitions, token by token."""
+def ref_losses(p, G, K, mode="in_group", slots="first", align_reduction="mean"):
+    """balance_group, balance_expert, align by their definitions, token by token.
+
+    slots: which selected experts the expert balance counts (``first``: slot 0; ``all``:
+    the per-slot loss summed over the K slots)."""
     T, E = p.shape
     M = E // G
     group, ids, _ = ref_select(p, G, K, False)
@@ -68,13 +72,14 @@ def ref_losses(p, G, K, mode="in_group"):
     f = [sum(1 for t in range(T) if group[t] == j) / T for j in range(G)]
     P = [sum(sums[t][j] for t in range(T)) / T for j in range(G)]
     balance_group = G * sum(f[j] * P[j] for j in range(G))
-    first = [int(ids[t, 0]) for t in range(T)]
-    if mode == "global":
-        fe = [sum(1 for t in range(T) if first[t] == e) / T for e in range(E)]
-        Pe = [sum(float(p[t, e]) for t in range(T)) / T for e in range(E)]
-        balance_expert = E * sum(fe[e] * Pe[e] for e in range(E))
-    else:
-        balance_expert = 0.0
+    balance_expert = 0.0
+    for slot in range(K if slots == "all" else 1):
+        first = [int(ids[t, slot]) for t in range(T)]
+        if mode == "global":
+            fe = [sum(1 for t in range(T) if first[t] == e) / T for e in range(E)]
+            Pe = [sum(float(p[t, e]) for t in range(T)) / T for e in range(E)]
+            balance_expert += E * sum(fe[e] * Pe[e] for e in range(E))
+            continue
         for j in range(G):
             toks = [t for t in range(T) if group[t] == j]
             if not toks:
@@ -91,7 +96,7 @@ def ref_losses(p, G, K, mode="in_group"):
         for e in range(E):
             if e // M != group[t]:
                 align += max(0.0, float(p[t, e]) - kth)
-    return balance_group, balance_expert, align / T
+    return balance_group, balance_expert, align / T if align_reduction == "mean" else align
 
 
 # ---------------------------------------------------------------- selection
@@ -109,19 +114,21 @@ def test_select_matches_double_loop(E, G, K, renorm):
         torch.testing.assert_close(w, rw)
 
 
+@pytest.mark.parametrize("slots,align_reduction", [("first", "mean"), ("all", "sum")])
 @pytest.mark.parametrize("mode", ["in_group", "global"])
 @pytest.mark.parametrize("E,G,K", [(8, 2, 2), (12, 3, 1), (12, 4, 3)])
-def test_losses_match_double_loop(E, G, K, mode):
+def test_losses_match_double_loop(E, G, K, mode, slots, align_reduction):
     p = random_probs(30, E, seed=E + G + K)
     valid = torch.ones(30, dtype=torch.bool)
     group, ids, _ = sam_select(p, G, K)
     kth = p.gather(1, ids[:, -1:]).squeeze(1)
+    counted = ids[:, 0] if slots == "first" else ids
     got = (
         float(group_balance_loss(p, group, G, valid)),
-        float(expert_balance_loss(p, group, ids[:, 0], G, valid, mode)),
-        float(alignment_loss(p, group, kth, G, valid)),
+        float(expert_balance_loss(p, group, counted, G, valid, mode)),
+        float(alignment_loss(p, group, kth, G, valid, align_reduction)),
     )
-    for a, b in zip(got, ref_losses(p, G, K, mode)):
+    for a, b in zip(got, ref_losses(p, G, K, mode, slots, align_reduction)):
         assert a == pytest.approx(b, rel=1e-9, abs=1e-12)
 
 
@@ -158,7 +165,8 @@ def test_g1_is_plain_topk_over_all_experts():
 def test_g1_k2_renormalized_is_gshard_top2(cap):
     """G = 1, K = 2 with renormalised weights is GShard's top-2 (policy 'all')."""
     sam = make(E=8, G=1, K=2, cap=cap, sam_renormalize=True).eval()
-    gcfg = router_cfg("gshard", moe_expert_count=8, moe_capacity_factor=cap, moe_eval_capacity_factor=cap)
+    gcfg = router_cfg("gshard", moe_expert_count=8, moe_capacity_factor=cap, moe_eval_capacity_factor=cap,
+                      moe_normalize_gate_prob_before_dropping=True)  # SAM renormalises before dropping
     gshard = build_router(gcfg, 16).eval()
     gshard.gate.weight.data.copy_(sam.gate.weight.data)
     x = torch.randn(64, 16) * 3
@@ -250,6 +258,24 @@ def test_hand_case_losses():
             # the unweighted values are logged too
             for name in ("balance_group", "balance_expert", "align"):
                 assert float(out.stats[f"loss_{name}"]) == pytest.approx(got[name])
+
+
+def test_hand_case_losses_all_slots_and_sum():
+    """K = 2 with --sam-balance-slots all and --sam-align-reduction sum (Hetu's formulation)."""
+    # selected experts (both slots): t0 {3, 2}, t1 {0, 1}, t2 {2, 3}, t3 {2, 3}
+    # global: f = (1/4, 1/4, 3/4, 3/4) (slot counts / tokens), P = column means
+    balance_global_all = 4 * (0.25 * 1.09 / 4 + 0.25 * 0.36 / 4 + 0.75 * 1.35 / 4 + 0.75 * 1.20 / 4)  # 2.275
+    # in_group: group 0 holds t1 (f_{0|0} = f_{1|0} = 1, q = .5/.6, .1/.6); group 1 holds
+    # t0, t2, t3 and every one of them selects e2 and e3 (f = 1 each), so its inner sum is
+    # sum_e P_{e|1} = 1
+    balance_in_group_all = 0.25 * 2 * (0.5 / 0.6 + 0.1 / 0.6) + 0.75 * 2 * 1.0  # 2.0
+    align_sum = (0.05 + 0.15) + 0.19  # t1 and t3, as in the mean case, not divided by 4
+    for mode, balance_expert in [("in_group", balance_in_group_all), ("global", balance_global_all)]:
+        r, x = hand_router(2, sam_expert_balance=mode, sam_balance_slots="all", sam_align_reduction="sum")
+        got = {k: float(v) for k, v in r(x).aux_losses.items()}
+        assert got["balance_expert"] == pytest.approx(balance_expert, abs=1e-6)
+        assert got["align"] == pytest.approx(align_sum, abs=1e-6)
+        assert got["balance_group"] == pytest.approx(1.1375, abs=1e-6)  # unchanged by these options
 
 
 def test_hand_case_metrics():
@@ -374,6 +400,9 @@ def test_gradients_reach_the_router():
     ({"sam_groups": 0}, "--sam-groups"),
     ({"sam_groups": 4, "moe_top_k": 3}, "--moe-top-k"),
     ({"sam_expert_balance": "sideways"}, "--sam-expert-balance"),
+    ({"sam_balance_slots": "second"}, "--sam-balance-slots"),
+    ({"sam_align_reduction": "max"}, "--sam-align-reduction"),
+    ({"sam_capacity_rounding": "floor"}, "--sam-capacity-rounding"),
 ])
 def test_bad_options_raise(overrides, option):
     cfg = router_cfg("sam", moe_expert_count=8, **overrides)
@@ -399,3 +428,229 @@ def test_expert_parallel_counts_real_sends(monkeypatch):
     dev = out.expert_ids_TK // 2
     expected = sum(len(set(d.tolist()) - {1}) for d in dev)
     assert float(out.stats["xdev_tokens"]) == expected
+
+
+# ---------------------------------------------------------------- Hetu's SAM gate
+#
+# An independent slow transcription of the one public SAM implementation, Hetu's SAM gate
+# (github.com/PKU-DAIR/Hetu, indexed as Hsword/Hetu): python/hetu/layers/SAMGate.py
+# (samgating, balance_loss, alignment_loss, SAMGate) with its kernels src/ops/SamGroupSum.cu,
+# src/ops/TopKIdx.cu, src/ops/GroupTopKIdx.cu, src/ops/SamMax.cu and the dispatch in
+# src/ops/LayoutTransform.cu. Plain loops over tokens and experts; autograd only for the
+# gradients (the kth probability detached as SamMax's gradient kernel does).
+
+HETU_FLAGS = dict(
+    sam_expert_balance="global",
+    sam_balance_slots="all",
+    sam_align_reduction="sum",
+    sam_align_detach_kth=True,
+    sam_router_bias=True,
+    moe_router_init="xavier",
+    sam_capacity_rounding="per_slot",
+)
+
+
+def hetu_sam_gate(x_TD, W_DE, b_E, G, K, capacity_factor):
+    """Hetu's samgating(x W + b), token by token. Returns (ids, kept ids, weights, l_aux, l_alignment).
+
+    Two places where Hetu's code contradicts itself are transcribed as intended, not as
+    written: (1) the chosen group's experts are the SamGroupSum block j*M .. j*M+M-1
+    (GroupTopKIdx and SamMax index j*G .. j*G+G-1, the same block only when M == G);
+    (2) slot i >= 1 of an expert queues behind every earlier slot's tokens there
+    (SAMGate.py offsets it by the count of the *last* slot's tokens, acc_base from
+    mask_topk[k-1], which for K = 2 lets two slots share one buffer row); for K = 1 both
+    readings are the same.
+    """
+    T, E = x_TD.shape[0], W_DE.shape[1]
+    M = E // G
+    gates = torch.softmax(x_TD @ W_DE + b_E, dim=-1)  # SAMGate.__call__: matmul + bias, softmax_op
+    capacity = K * math.ceil((T / E) * capacity_factor)  # samgating
+    ids = []
+    for t in range(T):
+        g = [float(v) for v in gates[t]]
+        sums = [sum(g[j * M:(j + 1) * M]) for j in range(G)]  # SamGroupSum
+        best, best_val = -1, -10000.0
+        for j in range(G):  # TopKIdx, topk=1: a '>=' scan, the last maximum wins
+            if sums[j] >= best_val:
+                best, best_val = j, sums[j]
+        vals, chosen = list(g), []
+        for _ in range(K):  # GroupTopKIdx: K '>=' scans over the group, each winner set to -10000
+            top, top_val = -1, -10000.0
+            for e in range(best * M, (best + 1) * M):
+                if vals[e] >= top_val:
+                    top, top_val = e, vals[e]
+            chosen.append(top)
+            vals[top] = -10000.0
+        ids.append(chosen)
+    masks = [torch.zeros(T, E, dtype=gates.dtype) for _ in range(K)]  # one_hot_op per slot
+    for t in range(T):
+        for i in range(K):
+            masks[i][t, ids[t][i]] = 1.0
+    # balance_loss summed over the K slot masks: E * sum_e mean_t(gates) * mean_t(mask_i)
+    l_aux = sum(E * (gates.mean(0) * masks[i].mean(0)).sum() for i in range(K))
+    # SamMax: max(0, g_te - g_t,kth) outside the chosen group (the kernel leaves the group's
+    # entries unwritten: 0); its gradient reaches only those outside entries (kth detached)
+    l_alignment = gates.new_zeros(())
+    for t in range(T):
+        group = ids[t][0] // M
+        kth = gates[t, ids[t][K - 1]].detach()
+        for e in range(E):
+            if e // M != group and float(gates[t, e]) > float(kth):
+                l_alignment = l_alignment + (gates[t, e] - kth)
+    # locations: slot 0 in token order, then slot 1 behind it, ...; kept when location < capacity
+    count = [0] * E
+    kept = [[DROPPED] * K for _ in range(T)]
+    for i in range(K):
+        for t in range(T):
+            e = ids[t][i]
+            if count[e] < capacity:
+                kept[t][i] = e
+            count[e] += 1
+    # gates_s: the raw probability of each kept slot (LayoutTransform zeroes dropped slots)
+    weights = torch.stack([
+        torch.stack([gates[t, kept[t][i]] if kept[t][i] >= 0 else gates.new_zeros(()) for i in range(K)])
+        for t in range(T)
+    ])
+    return torch.tensor(ids), torch.tensor(kept), weights, l_aux, l_alignment
+
+
+@pytest.mark.parametrize("E,G,K,cap", [(16, 4, 4, 0.5), (16, 4, 2, 1.0), (8, 2, 2, 0.75), (12, 3, 1, 1.0)])
+def test_hetu_flags_match_hetu_sam_gate(E, G, K, cap):
+    """Every option set as Hetu's gate: the same ids, drops, weights, losses and gradients as
+    the transcription, on a padded batch (the transcription sees the non-padding rows only;
+    Hetu has no padding) with capacity drops."""
+    torch.manual_seed(E * 100 + K)
+    D = 16
+    r = make(D=D, E=E, G=G, K=K, cap=cap, **HETU_FLAGS)
+    r.gate_bias.data.normal_(0.0, 0.5)
+    ids_BL = torch.randint(4, 50, (4, 16))
+    ids_BL[1, -5:] = 1
+    ids_BL[2, -9:] = 1
+    tok = token_info(ids_BL)
+    x = torch.randn(64, D) * 2
+    out = r(x, tokens=tok)
+    valid = ~tok.pad_mask_T
+
+    W = r.gate.weight.detach().double().t().clone().requires_grad_(True)
+    b = r.gate_bias.detach().double().clone().requires_grad_(True)
+    ref_ids, ref_kept, ref_w, l_aux, l_align = hetu_sam_gate(x[valid].double(), W, b, G, K, cap)
+    assert (ref_kept == DROPPED).any(), "the case should drop some slots"
+    assert (out.expert_ids_TK[~valid] == DROPPED).all()
+    assert torch.equal(out.expert_ids_TK[valid], ref_kept)
+    torch.testing.assert_close(out.weights_TK[valid].double(), ref_w.detach(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(out.aux_losses["balance_expert"].double(), l_aux.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.aux_losses["align"].double(), l_align.detach(), atol=1e-5, rtol=1e-5)
+    assert float(l_align) > 0, "the case should have misaligned tokens"
+    # gradients of Hetu's two losses, with Hetu's weights (1 each)
+    gW, gb = torch.autograd.grad(out.aux_losses["balance_expert"] + out.aux_losses["align"], [r.gate.weight, r.gate_bias])
+    rW, rb = torch.autograd.grad(l_aux + l_align, [W, b])
+    torch.testing.assert_close(gW.double(), rW.t(), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(gb.double(), rb, atol=1e-5, rtol=1e-4)
+
+
+def test_align_gradient_is_sammax_gradient():
+    """--sam-align-detach-kth with sum: d align / d g_te = 1 for every expert outside the
+    chosen group above the K-th selected probability, 0 elsewhere (SamMax.cu's gradient kernel)."""
+    E, G, K = 12, 3, 2
+    p = random_probs(50, E, seed=5).requires_grad_(True)
+    group, ids, _ = sam_select(p.detach(), G, K)
+    kth = p.gather(1, ids[:, -1:]).squeeze(1).detach()
+    (grad,) = torch.autograd.grad(alignment_loss(p, group, kth, G, torch.ones(50, dtype=torch.bool), "sum"), p)
+    expected = torch.zeros(50, E, dtype=p.dtype)
+    for t in range(50):
+        for e in range(E):
+            if e // (E // G) != int(group[t]) and float(p[t, e]) > float(kth[t]):
+                expected[t, e] = 1.0
+    assert expected.sum() > 0
+    assert torch.equal(grad, expected)
+    # the default (not detached) also pushes the K-th selected probability up
+    kth_live = p.gather(1, ids[:, -1:]).squeeze(1)
+    (grad_live,) = torch.autograd.grad(alignment_loss(p, group, kth_live, G, torch.ones(50, dtype=torch.bool), "sum"), p)
+    rows = torch.arange(50)
+    torch.testing.assert_close(grad_live[rows, ids[:, -1]], -expected.sum(-1))
+
+
+@pytest.mark.parametrize("K", [1, 2, 3])
+@pytest.mark.parametrize("factor", [0.5, 1.0, 1.25, 2.0, INF])
+def test_per_slot_capacity(K, factor):
+    """K * ceil((T / E) * factor), Hetu's expression; the tensor form equals the int form."""
+    for E in (8, 12):
+        for n in range(1, 120):
+            want = K * n if math.isinf(factor) else K * math.ceil((n / E) * factor)
+            assert per_slot_capacity(n, E, K, factor) == want
+            assert int(per_slot_capacity(torch.tensor(n), E, K, factor)) == want
+
+
+def test_capacity_rounding_option_reaches_the_router():
+    """total (default) is the shared rule of the softmax routers; per_slot is Hetu's; both without host sync."""
+    T = 61
+    for training in (True, False):
+        default = make(E=8, G=2, K=2, cap=1.1).train(training)
+        hetu = make(E=8, G=2, K=2, cap=1.1, sam_capacity_rounding="per_slot").train(training)
+        # ceil(1.1 * 2 * 61 / 8) = ceil(16.775) = 17; 2 * ceil(61 / 8 * 1.1) = 2 * ceil(8.3875) = 18
+        assert default.capacity_for(T) == capacity(T, 8, 2, 1.1) == 17
+        assert hetu.capacity_for(T) == 18
+        assert int(hetu.capacity_for(torch.tensor(T))) == hetu.capacity_for(T)
+
+
+def test_forward_reads_nothing_back_from_the_device(monkeypatch):
+    """The capacity takes the 0-dim count of non-padding tokens: no int()/item() in forward."""
+    r = make(E=8, G=2, K=2, cap=1.0)
+    ids = torch.randint(4, 50, (4, 8))
+    ids[0, -3:] = 1
+    tok = token_info(ids)
+    x = torch.randn(32, 16)
+
+    def no_sync(*a, **k):
+        raise AssertionError("host sync in SamRouter.forward")
+
+    for name in ("__int__", "item", "tolist", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, no_sync)
+    r(x, tokens=tok)
+
+
+def test_xavier_router_init_is_hetus():
+    """--moe-router-init xavier on the SAM router: U(-a, a) with Hetu's XavierUniformInit limit
+    a = sqrt(3 / ((fan_in + fan_out) / 2)) (python/hetu/initializers.py)."""
+    torch.manual_seed(0)
+    D, E = 64, 16
+    r = make(D=D, E=E, G=4, K=2, moe_router_init="xavier")
+    a = math.sqrt(3.0 / ((D + E) / 2.0))
+    w = r.gate.weight.detach()
+    assert float(w.abs().max()) <= a and float(w.abs().max()) > 0.95 * a
+    assert float(w.std()) == pytest.approx(a / math.sqrt(3.0), rel=0.08)  # the uniform's std
+
+
+def test_defaults_are_the_documented_formulation():
+    """The defaults stay what they were before the Hetu options existed (docs/sam.md says why)."""
+    cfg = router_cfg("sam")
+    assert (cfg.sam_groups, cfg.moe_top_k, cfg.sam_renormalize, cfg.sam_expert_balance, cfg.sam_balance_slots,
+            cfg.sam_align_reduction, cfg.sam_align_detach_kth, cfg.sam_router_bias,
+            cfg.sam_capacity_rounding) == (2, 2, False, "in_group", "first", "mean", False, False, "total")
+
+
+def test_router_logits_are_fp32():
+    """Under a bf16 model the logits and softmax are still fp32 (Hetu's gate: "everything is in
+    fp32"): the ids are those of the fp64 reference, not of a bf16 matmul."""
+    torch.manual_seed(3)
+    r = make(D=16, E=8, G=2, K=2, sam_router_bias=True).to(torch.bfloat16)
+    r.gate_bias.data.normal_(0.0, 0.5)
+    x = (torch.randn(200, 16) * 3).to(torch.bfloat16)
+    out = r(x)
+    logits = x.double() @ r.gate.weight.double().t() + r.gate_bias.double()
+    _, ref_ids, ref_w = ref_select(torch.softmax(logits, -1), 2, 2, False)
+    assert torch.equal(out.expert_ids_TK, ref_ids)
+    assert out.weights_TK.dtype == torch.bfloat16
+    torch.testing.assert_close(out.weights_TK.double(), ref_w, atol=1e-2, rtol=1e-2)
+    assert out.aux_losses["align"].dtype == torch.float32
+
+
+def test_train_and_eval_route_alike():
+    """No mode switch in the routing (as Hetu's samgating): with the same capacity and no
+    jitter, training and evaluation give the same ids, weights and losses."""
+    r = make(E=8, G=2, K=2, cap=INF)
+    x = torch.randn(40, 16) * 3
+    a, b = r.train()(x), r.eval()(x)
+    assert torch.equal(a.expert_ids_TK, b.expert_ids_TK) and torch.equal(a.weights_TK, b.weights_TK)
+    for name in a.aux_losses:
+        assert torch.equal(a.aux_losses[name], b.aux_losses[name])

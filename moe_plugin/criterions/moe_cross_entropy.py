@@ -35,7 +35,9 @@ class MoECrossEntropyConfig(CrossEntropyCriterionConfig):
     moe_loss_weights: str = field(
         default="", metadata={"help": "per-name aux loss weights, e.g. 'align=0.1,balance=0.01' (override the two above)"}
     )
-    moe_log_per_layer: bool = field(default=True, metadata={"help": "log routing metrics of every MoE layer too"})
+    moe_no_log_per_layer: bool = field(
+        default=False, metadata={"help": "log routing metrics only overall, not per MoE layer (default: both)"}
+    )
 
 
 def parse_loss_weights(spec: str) -> Dict[str, float]:
@@ -71,7 +73,7 @@ LAYER_METRICS = ("aux", "load_max", "load_cv", "dropped", "entropy", "unused")
 @register_criterion("moe_cross_entropy", dataclass=MoECrossEntropyConfig)
 class MoECrossEntropyCriterion(CrossEntropyCriterion):
     def __init__(self, task, sentence_avg, moe_aux_loss_weight=0.01, moe_z_loss_weight=0.0,
-                 moe_loss_weights="", moe_log_per_layer=True):
+                 moe_loss_weights="", moe_no_log_per_layer=False):
         super().__init__(task, sentence_avg)
         for name, v in (("--moe-aux-loss-weight", moe_aux_loss_weight), ("--moe-z-loss-weight", moe_z_loss_weight)):
             if not v >= 0:
@@ -79,7 +81,7 @@ class MoECrossEntropyCriterion(CrossEntropyCriterion):
         self.aux_weight = moe_aux_loss_weight
         self.z_weight = moe_z_loss_weight
         self.named_weights = parse_loss_weights(moe_loss_weights)
-        self.log_per_layer = moe_log_per_layer
+        self.log_per_layer = not moe_no_log_per_layer
 
     def loss_weight(self, name: str) -> float:
         if name in self.named_weights:

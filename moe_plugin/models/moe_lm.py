@@ -18,6 +18,7 @@ file; they all build this one model.
 """
 
 
+import argparse
 import dataclasses
 from typing import List, Optional, Tuple
 
@@ -35,20 +36,22 @@ from fairseq.models.transformer_lm import (
     base_lm_architecture as fairseq_base_lm_architecture,
 )
 from fairseq.modules import AdaptiveInput, CharacterTokenEmbedder
-from fairseq.modules.checkpoint_activations import checkpoint_wrapper
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
 
 from moe_plugin import config as moe_config
-from moe_plugin.moe_layer import MoELayer, build_moe_layer
+from moe_plugin.moe_layer import MoELayer, build_moe_layer, checkpointed
 from moe_plugin.parallel import fairseq_glue as ep_glue, layout as ep_layout
-from moe_plugin.routing import ARCHS, TokenInfo, VocabInfo
+from moe_plugin.models import token_counts
+from moe_plugin.routing import ARCHS, ROUTER_REGISTRY, TokenInfo, VocabInfo
 
 
 MoELanguageModelConfig = dataclasses.make_dataclass(
     "MoELanguageModelConfig",
     # the routers' random state follows fairseq's --seed (common.seed) unless a router's own
     # seed option fixes it; an interpolation, so fairseq-train and hydra configs both fill it
-    [("moe_seed", Optional[int], dataclasses.field(default=II("common.seed")))],
+    [("moe_seed", Optional[int], dataclasses.field(default=II("common.seed"))),
+     # the split a frequency-balanced router counts its tokens in (moe_plugin/models/token_counts.py)
+     ("moe_train_subset", Optional[str], dataclasses.field(default=II("dataset.train_subset")))],
     bases=(moe_config.MoEConfig, TransformerLanguageModelConfig),
 )
 
@@ -102,6 +105,13 @@ class MoEDecoderLayer(TransformerDecoderLayerBase):
     def __init__(self, cfg, no_encoder_attn, moe_cfg, layer_index: int, token_context: TokenContext, vocab: VocabInfo):
         if getattr(cfg, "scale_fc", False):
             raise ValueError("--scale-fc: not supported in MoE layers (the expert FFN has no inner LayerNorm)")
+        pq = float(getattr(getattr(cfg, "quant_noise", None), "pq", 0.0) or 0.0)
+        if pq > 0:
+            raise ValueError(
+                f"--quant-noise-pq: {pq} is not allowed with MoE layers; allowed: 0 (fairseq applies "
+                "quant-noise to a layer's fc1/fc2, and an MoE FFN's experts have none, so the MoE layers "
+                "would silently train without it)"
+            )
         # read by build_fc1, which fairseq's __init__ calls (plain attributes may be set
         # before nn.Module.__init__)
         self._moe_build_args = (cfg, moe_cfg, layer_index, vocab)
@@ -110,6 +120,11 @@ class MoEDecoderLayer(TransformerDecoderLayerBase):
         self.layer_index = layer_index
         self.fc1.token_source = token_context.get
         self.activation_fn = _identity  # the experts apply the activation themselves
+        # --checkpoint-activations / --offload-activations: this layer checkpoints itself
+        # (moe_layer.checkpointed) instead of taking fairseq's checkpoint_wrapper, whose
+        # no_grad first forward would cut the aux losses off from the gradient
+        self.checkpoint_activations = bool(getattr(cfg, "checkpoint_activations", False))
+        self.offload_activations = bool(getattr(cfg, "offload_activations", False))
 
     def build_fc1(self, input_dim, output_dim, q_noise, qn_block_size) -> MoELayer:
         cfg, moe_cfg, layer_index, vocab = self._moe_build_args
@@ -130,6 +145,9 @@ class MoEDecoderLayer(TransformerDecoderLayerBase):
     def forward(self, x, *args, **kwargs):
         # the experts already applied activation dropout; disable the layer's own
         self.activation_dropout_module.p = 0.0
+        incremental = kwargs.get("incremental_state", args[2] if len(args) > 2 else None) is not None
+        if self.checkpoint_activations and self.training and torch.is_grad_enabled() and not incremental:
+            return checkpointed(super().forward, [self.fc1], x, *args, offload=self.offload_activations, **kwargs)
         return super().forward(x, *args, **kwargs)
 
     @property
@@ -138,7 +156,9 @@ class MoEDecoderLayer(TransformerDecoderLayerBase):
 
 
 class MoETransformerDecoder(TransformerDecoder):
-    def __init__(self, args, dictionary, embed_tokens, no_encoder_attn=True):
+    def __init__(self, args, dictionary, embed_tokens, no_encoder_attn=True, count_tokens=None):
+        """``count_tokens``: a callable returning the training split's token counts (V,) or
+        None; called only when the router needs them (``Router.needs_token_counts``)."""
         num_layers = args.decoder_layers
         moe_cfg = moe_config.from_fairseq(args)
         moe_config.validate(moe_cfg, num_layers)
@@ -147,11 +167,14 @@ class MoETransformerDecoder(TransformerDecoder):
         self.moe_layer_indices = moe_config.parse_moe_layers(moe_cfg, num_layers)
         self._layers_built = 0
         self.token_context = TokenContext(dictionary.pad())
+        counts_V, source = None, "dict.txt"
+        if count_tokens is not None and ROUTER_REGISTRY[moe_cfg.moe_router].needs_token_counts(moe_cfg):
+            counts_V = count_tokens()
+            source = "train split" if counts_V is not None else source
+        if counts_V is None and getattr(dictionary, "count", None):
+            counts_V = torch.tensor(dictionary.count, dtype=torch.long)
         self.vocab_info = VocabInfo(
-            size=len(dictionary),
-            pad=dictionary.pad(),
-            eos=dictionary.eos(),
-            counts_V=torch.tensor(dictionary.count, dtype=torch.long) if getattr(dictionary, "count", None) else None,
+            size=len(dictionary), pad=dictionary.pad(), eos=dictionary.eos(), counts_V=counts_V, counts_source=source
         )
         super().__init__(args, dictionary, embed_tokens, no_encoder_attn=no_encoder_attn)
 
@@ -162,8 +185,7 @@ class MoETransformerDecoder(TransformerDecoder):
             return super().build_decoder_layer(args, no_encoder_attn)
         cfg = TransformerConfig.from_namespace(args)
         layer = MoEDecoderLayer(cfg, no_encoder_attn, self.moe_cfg, index, self.token_context, self.vocab_info)
-        if cfg.checkpoint_activations:
-            layer = checkpoint_wrapper(layer, offload_to_cpu=cfg.offload_activations)
+        # checkpointing is the layer's own (MoEDecoderLayer.forward), not fairseq's wrapper
         return fsdp_wrap(layer, min_num_params=cfg.min_params_to_wrap if not cfg.checkpoint_activations else 0)
 
     # --- BASE layers (moe_plugin/base_layer.py) ------------------------------------------
@@ -195,6 +217,7 @@ class MoELanguageModel(TransformerLanguageModel):
 
     @classmethod
     def build_model(cls, args, task):
+        refuse_unsupported(args)
         if args.decoder_layers_to_keep:
             raise ValueError("--decoder-layers-to-keep: not supported by moe_lm (MoE layer indices would shift)")
         if getattr(args, "max_target_positions", None) is None:
@@ -224,7 +247,11 @@ class MoELanguageModel(TransformerLanguageModel):
         if args.tie_adaptive_weights and not args.adaptive_input:
             raise ValueError("--tie-adaptive-weights: requires --adaptive-input")
         with ep_glue.decoder_base_layers(args):  # expert parallelism: moe_plugin/parallel/fairseq_glue.py
-            decoder = MoETransformerDecoder(args, task.target_dictionary, embed_tokens, no_encoder_attn=True)
+            decoder = MoETransformerDecoder(
+                args, task.target_dictionary, embed_tokens, no_encoder_attn=True,
+                count_tokens=lambda: token_counts.training_token_counts(
+                    task, getattr(args, "moe_train_subset", None), len(task.target_dictionary)),
+            )
         return cls(decoder)
 
     # Checkpoint layout (expert count, router, which experts this rank holds): saved as the
@@ -253,19 +280,87 @@ class MoELanguageModel(TransformerLanguageModel):
         return out
 
 
-def _make_arch(arch_name: str, router: str, defaults: dict):
+def _refuse_moe_options(arch_name: str, args) -> None:
+    """The dense baseline has no MoE layer: refuse every option that would add one (in every
+    pass of the arch function) and, on the command line, every other MoE option the user gave
+    (it would have no effect). A command line's Namespace holds only the flags the user gave
+    (fairseq parses model options without defaults); a DictConfig (hydra, a checkpoint's cfg)
+    holds every field, so there only the options that add MoE layers are checked."""
+    moe_archs = f"an MoE arch ({', '.join(sorted(ARCHS))})"
+    placement = (
+        ("moe_layers", lambda v: v not in (None, "")),
+        ("moe_freq", lambda v: v not in (None, 0)),
+        ("base_layers", lambda v: v not in (None, 0)),
+        ("moe_expert_parallel", bool),
+    )
+    for name, adds_layers in placement:
+        value = getattr(args, name, None)
+        if adds_layers(value):
+            hint = f" (in a hydra config: model.{name}: 0)" if name == "moe_freq" else ""
+            raise ValueError(
+                f"--{name.replace('_', '-')}: {value!r} is not allowed with --arch {arch_name}, the dense "
+                f"baseline without MoE layers{hint}; allowed: unset (no MoE layer), or use {moe_archs}"
+            )
+    if isinstance(args, argparse.Namespace):
+        checked = {name for name, _ in placement} | {"moe_seed"}  # moe_seed: filled from --seed
+        for f in dataclasses.fields(moe_config.MoEConfig):
+            if f.name not in checked and getattr(args, f.name, None) is not None:
+                raise ValueError(
+                    f"--{f.name.replace('_', '-')}: {getattr(args, f.name)!r} has no effect with --arch "
+                    f"{arch_name}, the dense baseline without MoE layers; allowed: leave it unset, or use {moe_archs}"
+                )
+
+
+def refuse_unsupported(args) -> None:
+    """fairseq features the MoE archs cannot honour: one ValueError at build time.
+
+    ``--ddp-backend fully_sharded``: fairseq builds the model inside fairscale's auto-wrap
+    context (``fsdp_enable_wrap``), seen here whether the run came from the command line or
+    a hydra config. FSDP flattens and shards every parameter over the ranks: expert-parallel
+    experts differ per rank, the frozen routers (hyper, smoe_dropout) mix parameters with and
+    without ``requires_grad`` in one flat buffer, and it cannot be run on CPU to be checked.
+    """
+    backend = getattr(args, "ddp_backend", None)
+    in_fsdp = False
+    try:
+        from fairscale.nn.wrap.auto_wrap import ConfigAutoWrap
+
+        in_fsdp = bool(ConfigAutoWrap.in_autowrap_context)
+    except ImportError:  # fairscale absent: fairseq cannot build FSDP either
+        pass
+    if backend == "fully_sharded" or in_fsdp:
+        raise ValueError(
+            "--ddp-backend: 'fully_sharded' is not allowed with the moe_lm archs; allowed: legacy_ddp, "
+            "no_c10d (expert parallelism needs one of these), c10d, pytorch_ddp (FSDP shards every "
+            "parameter over the ranks, which per-rank experts and frozen router parameters do not survive)"
+        )
+
+
+def _make_arch(arch_name: str, router: Optional[str], defaults: dict):
+    """Register ``arch_name`` on moe_lm: its router and default options, then the MoE core
+    defaults and fairseq's ``base_lm_architecture``, which every arch (dense_lm included)
+    shares. ``router=None``: the dense baseline (no MoE layer, MoE options refused)."""
+
     def arch(args):
+        if router is None:
+            _refuse_moe_options(arch_name, args)
         # the arch names its router unless the user chose one with --moe-router
-        if getattr(args, "moe_router", None) is None:
+        elif getattr(args, "moe_router", None) is None:
             args.moe_router = router
         for name, value in defaults.items():
             if getattr(args, name, None) is None:
                 # a callable default is computed from the args (e.g. hash_lm's one MoE layer)
                 setattr(args, name, value(args) if callable(value) else value)
+        # defaults a router computes from the whole command line (the top-K routers: their
+        # schedule, whose length defaults to --max-update; moe_plugin/routing/_topk.py)
+        complete = getattr(ROUTER_REGISTRY.get(getattr(args, "moe_router", None)), "complete_arch_args", None)
+        if complete is not None:
+            complete(args)
         for f in dataclasses.fields(moe_config.MoEConfig):
             if getattr(args, f.name, None) is None and f.default is not None:
                 setattr(args, f.name, f.default)
         fairseq_base_lm_architecture(args)
+        refuse_unsupported(args)
         ep_glue.prepare_args(args)
 
     arch.__name__ = f"{arch_name}_architecture"
@@ -274,3 +369,9 @@ def _make_arch(arch_name: str, router: str, defaults: dict):
 
 
 ARCH_FUNCTIONS = {name: _make_arch(name, router, defaults) for name, (router, defaults) in ARCHS.items()}
+# The dense baseline of the MoE archs: this model without MoE layers, with their defaults
+# (pre-LN, a final LayerNorm, input/output dims = --decoder-embed-dim: fairseq's
+# base_lm_architecture). fairseq's own `--arch transformer_lm` differs: its arch function is a
+# no-op, so its dataclass defaults apply (post-LN, no final LayerNorm, 512-wide input/output
+# dims with projections); see docs/fidelity.md, section dense.
+ARCH_FUNCTIONS[moe_config.DENSE_ARCH] = _make_arch(moe_config.DENSE_ARCH, None, {"moe_freq": 0})

@@ -1,39 +1,45 @@
-"""MultiHash expert computation for the hash router (``hashed.py``, ``--hash-multi N > 1``).
+"""The hash router's own MoE layer (``hashed.py``): MultiHash (``--hash-multi N > 1``) and
+the authors' per-expert ``LN(x + FFN(x))`` (``--hash-expert-norm``).
 
 Legend: T tokens, D model dim, F expert hidden dim, E experts, N hash functions,
 R routed rows of one hash function sorted by expert (non-padding tokens), S columns of one
 segment (F/N or D/N).
 
-Equations (hashed.py's docstring; both weight matrices split along their output dim):
+MultiHash equations (hashed.py's docstring; both weight matrices split along their output dim):
 
     h_t = act( concat_i [ x_t W1_{k_i(t)}[:, F_i] + b1_{k_i(t)}[F_i] ] )
     y_t =      concat_i [ h_t W2_{k_i(t)}[:, D_i] + b2_{k_i(t)}[D_i] ]
 
+``--hash-expert-norm``: y_t = LN(x_t + FFN_{k(t)}(x_t)) with one LayerNorm shared by all
+experts of the layer, as ParlAI's ``HashLayerFFN`` (``hash_ladder.py``) computes it; the
+decoder layer's own residual and LayerNorm then follow as usual.
+
 Kept apart from ``hashed.py`` (whose name does not start with "_", so the routing package
 imports it) because it subclasses :class:`MoELayer`, and ``moe_layer`` imports the routing
-package: this module is imported only when a MultiHash layer is built.
+package: this module is imported only when such a layer is built.
 """
 
-from typing import Optional
-
 import torch
+import torch.nn as nn
 import torch.nn.functional as F_
 
 from moe_plugin.experts import add_group_bias, expert_of_rows, grouped_matmul
 from moe_plugin.moe_layer import MoELayer
-from moe_plugin.routing.interface import TokenInfo
 
 
-class MultiHashMoELayer(MoELayer):
-    """The MultiHash FFN over an :class:`ExpertBank`'s weights (E, D, F) / (E, F, D).
+class HashMoELayer(MoELayer):
+    """A Hash layer that needs its own expert computation over an :class:`ExpertBank`'s
+    weights (E, D, F) / (E, F, D): MultiHash (N > 1) and/or the shared expert LayerNorm.
 
-    Per hash function i the tokens are sorted by k_i (the dispatcher's permutation) and
-    segment i of the chosen experts is applied with one grouped matmul; padding tokens get
-    a zero output (the residual carries them), like a dropped slot in :class:`MoELayer`.
-    Local experts only (``HashRouter.validate`` refuses ``--moe-expert-parallel``).
+    MultiHash: per hash function i the tokens are sorted by k_i (the dispatcher's
+    permutation) and segment i of the chosen experts is applied with one grouped matmul;
+    local experts only (``HashRouter.validate`` refuses ``--moe-expert-parallel``). N = 1
+    is the standard dispatch -> experts -> combine. Padding tokens get a zero output (the
+    residual carries them), like a dropped slot in :class:`MoELayer`, with or without the
+    expert norm.
     """
 
-    def __init__(self, router, experts, dispatcher=None):
+    def __init__(self, router, experts, dispatcher=None, *, expert_norm: bool = False):
         super().__init__(router, experts, dispatcher)
         N, D, F = router.num_hashes, experts.model_dim, experts.ffn_dim
         if D % N or F % N:
@@ -41,22 +47,20 @@ class MultiHashMoELayer(MoELayer):
                 f"--hash-multi: {N} does not divide both the model dim {D} and the expert FFN dim {F}; "
                 "allowed: a common divisor of both"
             )
+        # ParlAI's HashLayerFFN: one LayerNorm (default init) shared by the experts
+        self.expert_norm = nn.LayerNorm(D) if expert_norm else None
 
-    def forward(self, x: torch.Tensor, tokens: Optional[TokenInfo] = None) -> torch.Tensor:
-        """x: (..., D), e.g. fairseq's (T_seq, B, D). Returns the same shape."""
-        shape = x.shape
-        x_TD = x.reshape(-1, shape[-1])
-        if tokens is None and self.token_source is not None:
-            tokens = self.token_source()
-        if tokens is None:
-            raise RuntimeError("the hash router needs token ids, and none reached the MultiHash layer")
-        route = self.router(x_TD, tokens=tokens)
-        y_TD = multihash_ffn(x_TD, route.expert_ids_TK, self.experts, self.dispatcher, self.training)
-        self.last_aux_losses = route.aux_losses
-        stats = dict(route.stats)
-        stats["num_tokens"] = (~tokens.pad_mask_T).sum().detach()
-        self.last_stats = stats
-        return y_TD.reshape(shape)
+    def compute(self, x_TD: torch.Tensor, route) -> torch.Tensor:
+        """The layer's FFN for one routing decision (routing, token ids and the record /
+        replay under activation checkpointing are :class:`MoELayer`'s) -> (T, D)."""
+        if self.router.num_hashes > 1:
+            y_TD = multihash_ffn(x_TD, route.expert_ids_TK, self.experts, self.dispatcher, self.training)
+        else:
+            y_TD = super().compute(x_TD, route)
+        if self.expert_norm is not None:
+            routed_T1 = route.expert_ids_TK[:, :1] >= 0
+            y_TD = torch.where(routed_T1, self.expert_norm(x_TD + y_TD), torch.zeros_like(y_TD))
+        return y_TD
 
 
 def multihash_ffn(x_TD: torch.Tensor, ids_TN: torch.Tensor, experts, dispatcher, training: bool) -> torch.Tensor:

@@ -47,6 +47,7 @@ demanded at the starting prices (ties: lower index). This is a choice (the exact
 over both choices is a slightly larger problem); it keeps loads within one token.
 """
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -399,7 +400,9 @@ class BalancedOptions:
     "balanced",
     options=BalancedOptions,
     arch="base_lm",
-    arch_defaults={"moe_freq": 0, "base_layers": 1},
+    # base_shuffle 1: fairseq's transformer_lm default (its dataclass); fairseq's
+    # base_lm_architecture would set False when the flag is absent
+    arch_defaults={"moe_freq": 0, "base_layers": 1, "base_shuffle": 1},
     demo_args=["--base-layers", "1"],
 )
 class BalancedRouter(Router):
@@ -426,6 +429,19 @@ class BalancedRouter(Router):
         self.warm_start = not cfg.base_cold_start
         # the previous training batch's prices: a warm start only, not part of the model
         self.register_buffer("last_prices_E", torch.zeros(0), persistent=False)
+        self._replay_expert_T: Optional[torch.Tensor] = None
+
+    def recompute_state(self, route: RouterOutput):
+        """The assignment itself: a recompute must not solve again from the updated prices."""
+        return route.expert_ids_TK[:, 0].detach()
+
+    @contextlib.contextmanager
+    def replaying(self, state):
+        previous, self._replay_expert_T = self._replay_expert_T, state
+        try:
+            yield
+        finally:
+            self._replay_expert_T = previous
 
     @staticmethod
     def validate(cfg) -> None:
@@ -444,7 +460,11 @@ class BalancedRouter(Router):
         expert_T = torch.full((T,), DROPPED, dtype=torch.long, device=dev)
         idx_V = torch.nonzero(valid_T).squeeze(1)
         stats = {}
-        if (self.training or self.eval_balanced) and not incremental:
+        if self._replay_expert_T is not None:
+            # a recompute under activation checkpointing: the recorded assignment, no new
+            # solve, and the warm-start prices stay as the forward left them (one update a step)
+            expert_T = self._replay_expert_T.to(dev)
+        elif (self.training or self.eval_balanced) and not incremental:
             warm = self.training and self.warm_start and self.last_prices_E.numel() == E
             result = solve_balanced(
                 scores_TE[idx_V], prices_E=self.last_prices_E if warm else None, eps_rel=self.eps_rel

@@ -8,30 +8,39 @@ A Hash layer replaces the FFN of a decoder layer by E expert FFNs and sends toke
 parameters, no auxiliary loss, no capacity limit (nothing is dropped but padding), and the
 expert output is used unweighted (combine weight 1.0). The decoder layer's own residual and
 LayerNorm stay around it (``MoEDecoderLayer``: fc1 is the whole MoE FFN). The authors'
-public code (ParlAI ``hash_ladder.py``) wraps every expert in an extra ``LN(x + FFN(x))``;
-the paper describes a plain FFN swap, which is what this file does.
+public code (ParlAI ``projects/params_vs_compute/hash_ladder/hash_ladder.py``,
+``HashLayerFFN``) computes every expert as ``LN(x + FFN(x))`` with one LayerNorm shared by
+the layer's experts, inside the layer's own residual and LayerNorm; the paper describes a
+plain FFN swap, the default here; ``--hash-expert-norm`` computes the authors' form.
 
 Hash functions (``--hash-type``; Sec. 4 of the paper). "table" means a persistent (V, N)
 buffer ``table_VN`` of expert ids in the state_dict, so fairseq-eval-lm and incremental
 decoding route exactly as training did, whatever the global RNG or the files at hand:
 
-* ``random``    table[x_t]; the table is drawn from ``--hash-seed`` (and the layer index and
-                hash index) with a local ``torch.Generator``: the global RNG is neither read
-                nor advanced.
-* ``balanced``  table[x_t] built from the dictionary's token counts (fairseq's dict.txt) so
-                every expert gets about the same token mass: greedy LPT bin packing (tokens
-                by decreasing count, each into the currently lightest expert; ties broken
-                by the seeded generator). LPT's load is within 4/3 of the optimum and, for a
-                vocabulary of many small counts, within one token's count of the mean.
-                dict.txt records no count for fairseq's special symbols although ``</s>``
-                ends every line (~1.7% of the synthetic corpus); ``--hash-balanced-eos
-                previous`` (default) therefore routes ``</s>`` with the table entry of the
-                previous token, which spreads its mass like the rest; ``table`` treats it as
-                an ordinary (count-1) token.
-* ``bigram``    (x_t + p * x_{t-1}) mod E with p = ``--hash-bigram-prime`` (ROUTERS.md: the
-                authors' recollection, unverified). For MultiHash, hash i uses the i-th
-                prime >= p, preferring primes of a residue mod E not used yet (two primes
-                with the same residue give the same partition).
+* ``random``    table[x_t]; the table is drawn from the seed (``--hash-seed`` when given,
+                else fairseq's ``--seed``, see :func:`hash_seed_of`), the layer index and
+                the hash index with a local ``torch.Generator``: the global RNG is neither
+                read nor advanced.
+* ``balanced``  table[x_t] packed from token counts so every expert gets about the same
+                token mass: greedy LPT bin packing (tokens by decreasing count, each into
+                the currently lightest expert; ties broken by the seeded generator). The
+                counts are those of the binarised training split (``VocabInfo``
+                ``counts_source="train split"``, counted by the fairseq shell at build time:
+                ``moe_plugin/models/token_counts.py``), where ``<unk>`` and ``</s>`` have
+                their true counts; dict.txt's (special symbols at count 1) only when the
+                split is absent, with a warning. With train-split counts and ``</s>`` routed
+                by its own entry (``--hash-balanced-eos table``, default), the expected load
+                of the training split obeys the LPT bounds (Graham 1966/1969): max load <=
+                mean + (1 - 1/E) * c_max <= mean + c_max (c_max the largest single-token
+                count), and <= (4/3 - 1/(3E)) * OPT, OPT >= max(mean, c_max) the best
+                packing's max load. ``--hash-balanced-eos previous`` routes ``</s>`` with the
+                table entry of the previous token instead (its own entry packed with count
+                0), which the bounds do not cover.
+* ``bigram``    (x_t + p * x_{t-1}) mod E with p = ``--hash-bigram-prime``. The paper hashes
+                the pair (x_{t-1}, x_t) without stating the function; this is the choice
+                made here. For MultiHash, hash i uses the i-th prime >= p, preferring primes
+                of a residue mod E not used yet (two primes with the same residue give the
+                same partition).
 * ``previous``  random table[x_{t-1}] (padding id before the first token of a sequence).
 * ``position``  hash i: (t + i * floor(t / E)) mod E, t = 0-based position in the sequence
                 (hash 0 is t mod E; hashes i > 0 partition positions differently).
@@ -59,13 +68,15 @@ the hidden dim F into N contiguous segments F_1..F_N and the model dim D into D_
 i.e. both weight matrices are split along their output dimension; hash i picks whose
 segment computes output segment i, and the segments' outputs are concatenated (the second
 layer sees the whole hidden vector). A token costs exactly one expert FFN; N = 1 is the
-plain Hash layer. Computed by ``_multihash.MultiHashMoELayer`` (2N grouped matmuls).
+plain Hash layer. Computed by ``_multihash.HashMoELayer`` (2N grouped matmuls).
 
 Placement (arch ``hash_lm``): the paper puts a **single** Hash layer in the decoder (the
 authors' code: ``--hash-layer 7``, the 8th of the paper's 11 layers). hash_lm's default is
 one MoE layer at 0-based index floor(7 L / 11) of L decoder layers (7 of 11, 1 of 2, 2 of 4,
 3 of 6); ``--moe-layers`` / ``--moe-freq`` override it. With several Hash layers each layer
-draws its own random table (the seed is mixed with the layer index).
+draws its own random table (the seed is mixed with the layer index). Expert FFNs are those of
+``moe_plugin.experts.ExpertBank`` with the decoder's ``--activation-fn`` (ParlAI's
+``HashLayerFFN`` always uses ReLU and Xavier-uniform weights).
 
 Logged per layer (train and valid), besides the criterion's load max/mean: ``share_e{j}``,
 the fraction of routed token slots that went to expert j (for E <= 16), and ``share_max`` /
@@ -104,8 +115,10 @@ class HashOptions:
         default="random",
         metadata={"help": "hash_lm: hash function: " + "|".join(HASH_TYPES) + " (see docs/hash_layers.md)"},
     )
-    hash_seed: int = field(
-        default=0, metadata={"help": "hash_lm: seed of the random tables (independent of --seed)"}
+    hash_seed: Optional[int] = field(
+        default=None,
+        metadata={"help": "hash_lm: seed of the random tables and of the balanced packing's tie-breaks; "
+                          "unset (default): fairseq's --seed"},
     )
     hash_table: str = field(
         default="",
@@ -119,16 +132,36 @@ class HashOptions:
     hash_bigram_prime: int = field(
         default=1000003, metadata={"help": "hash_lm: prime p of the bigram hash (x_t + p * x_{t-1}) mod E"}
     )
+    hash_expert_norm: bool = field(
+        default=False,
+        metadata={"help": "hash_lm: every expert computes LN(x + FFN(x)) with one LayerNorm shared by the "
+                          "layer's experts, as the authors' ParlAI hash_ladder.py; off: the paper's plain "
+                          "FFN swap"},
+    )
     hash_balanced_eos: str = field(
-        default="previous",
-        metadata={"help": "hash_lm balanced: route </s> (no count in dict.txt) by the previous token's "
-                          "bucket ('previous') or as an ordinary count-1 token ('table')"},
+        default="table",
+        metadata={"help": "hash_lm balanced: route </s> by its own table entry, packed at its count like "
+                          "any token ('table'), or by the previous token's entry ('previous')"},
     )
 
 
 # ----------------------------------------------------------------------------------------
 # Table builders (pure functions; tests call them directly)
 # ----------------------------------------------------------------------------------------
+
+
+#: the seed fairseq's --seed defaults to (used when neither --hash-seed nor moe_seed is set)
+FAIRSEQ_DEFAULT_SEED = 1
+
+
+def hash_seed_of(cfg) -> int:
+    """``--hash-seed`` when given, else fairseq's ``--seed`` (``cfg.moe_seed``; 1, fairseq's
+    default, outside fairseq)."""
+    if getattr(cfg, "hash_seed", None) is not None:
+        return int(cfg.hash_seed)
+    if getattr(cfg, "moe_seed", None) is not None:
+        return int(cfg.moe_seed)
+    return FAIRSEQ_DEFAULT_SEED
 
 
 def hash_generator(seed: int, layer_index: Optional[int], hash_index: int) -> torch.Generator:
@@ -277,14 +310,22 @@ class HashRouter(Router):
 
     needs_tokens = True
 
+    @staticmethod
+    def needs_token_counts(cfg) -> bool:
+        """The balanced packing needs true token counts (the training split's, not dict.txt's)."""
+        return cfg.hash_type == "balanced"
+
     def __init__(self, cfg, model_dim: int, *, vocab=None, layer_index=None):
         super().__init__(cfg, model_dim, vocab=vocab, layer_index=layer_index)
         self.validate(cfg)
         self.hash_type = cfg.hash_type
         self.num_hashes = int(cfg.hash_multi)
-        self.seed = int(cfg.hash_seed)
+        self.seed = hash_seed_of(cfg)
         self.balanced_eos_previous = cfg.hash_balanced_eos == "previous" and cfg.hash_type == "balanced"
         self.table_path = cfg.hash_table or ""
+        self.expert_norm = bool(getattr(cfg, "hash_expert_norm", False))
+        # where the balanced packing's counts came from (VocabInfo.counts_source); None otherwise
+        self.counts_source: Optional[str] = None
         # set by make_generation_fast_ (fairseq's "this model is for inference only" hook)
         self.inference_only = False
         E, N = self.num_experts, self.num_hashes
@@ -308,9 +349,14 @@ class HashRouter(Router):
                         "--hash-type balanced: needs token counts (fairseq's dict.txt), and the "
                         "dictionary has none; allowed without counts: random, bigram, previous, position"
                     )
+                counts_V = vocab.counts_V[:V].clone()
+                if self.balanced_eos_previous:
+                    # </s> is routed by its previous token's entry, so its own entry carries no mass
+                    counts_V[self.eos] = 0
+                self.counts_source = vocab.counts_source
                 for i in range(N):
                     g = hash_generator(self.seed, layer_index, i)
-                    table_VN[:, i] = balanced_table(vocab.counts_V[:V], E, g)
+                    table_VN[:, i] = balanced_table(counts_V, E, g)
             else:  # random, previous, oracle
                 for i in range(N):
                     table_VN[:, i] = random_table(V, E, hash_generator(self.seed, layer_index, i))
@@ -453,10 +499,10 @@ class HashRouter(Router):
 
     def make_layer(self, experts):
         """The MoE layer for this router (``build_moe_layer`` asks): None = the standard
-        :class:`MoELayer` (N = 1); MultiHash (N > 1) computes its experts itself."""
-        if self.num_hashes == 1:
+        :class:`MoELayer` (N = 1, no expert norm); otherwise ``_multihash.HashMoELayer``."""
+        if self.num_hashes == 1 and not self.expert_norm:
             return None
         # imported here: moe_layer imports this package, so a module-level import would be circular
-        from moe_plugin.routing._multihash import MultiHashMoELayer
+        from moe_plugin.routing._multihash import HashMoELayer
 
-        return MultiHashMoELayer(self, experts)
+        return HashMoELayer(self, experts, expert_norm=self.expert_norm)

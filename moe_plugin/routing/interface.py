@@ -13,6 +13,7 @@ this package that subclasses :class:`Router` and calls :func:`register_router`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from typing import Callable, Dict, List, Optional, Tuple, Type
@@ -45,17 +46,23 @@ class TokenInfo:
 class VocabInfo:
     """What a router may know of the vocabulary at build time (hash tables need it).
 
-    ``counts_V`` are the token frequencies of the training data from fairseq's dict.txt, or
-    None when unknown. The decoder fills this from the task's dictionary. fairseq stores
-    no real counts for its special symbols (``<s>``, ``<pad>``, ``</s>``, ``<unk>``: count 1),
-    although ``</s>`` ends every line: a router that balances by frequency must treat them
-    itself (the balanced hash does).
+    ``counts_V`` are token frequencies of the training data, or None when unknown, and
+    ``counts_source`` says where they come from:
+
+    * ``"train split"``: counted in the binarised training split (every symbol, ``<unk>``
+      and ``</s>`` included, at its true count). The fairseq shell counts them only for a
+      router whose :meth:`Router.needs_token_counts` says so (the balanced hash).
+    * ``"dict.txt"``: fairseq's dictionary counts (the fallback, and what every other router
+      gets). dict.txt keeps no counts for the special symbols (``<s>``, ``<pad>``,
+      ``</s>``, ``<unk>`` load with count 1) although ``</s>`` ends every line and ``<unk>``
+      stands for every rare word.
     """
 
     size: int
     pad: int
     eos: int
     counts_V: Optional[torch.Tensor] = None
+    counts_source: str = "dict.txt"
 
 
 @dataclasses.dataclass
@@ -103,6 +110,28 @@ class Router(nn.Module):
     @staticmethod
     def validate(cfg) -> None:
         """Raise ValueError for options this router cannot honour (called at build time)."""
+
+    @staticmethod
+    def needs_token_counts(cfg) -> bool:
+        """Whether building this router with ``cfg`` needs the training split's token counts
+        (:class:`VocabInfo` ``counts_source="train split"``); the shell reads the corpus only
+        when some router says so."""
+        return False
+
+    # -- activation checkpointing (moe_plugin.moe_layer.RoutingTape) -----------------------
+    def recompute_state(self, route: "RouterOutput"):
+        """What a recompute of this forward needs in order to route exactly alike.
+
+        None (the default) for a router that is a function of its input, the token ids and
+        the RNG state, all of which the recompute sees again; a router with state that a
+        forward changes (BASE's warm-start prices) returns what it decided.
+        """
+        return None
+
+    @contextlib.contextmanager
+    def replaying(self, state):
+        """While inside, route as the forward that returned ``state`` did (and change no state)."""
+        yield
 
 
 ROUTER_REGISTRY: Dict[str, Type[Router]] = {}

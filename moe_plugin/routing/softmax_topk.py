@@ -5,6 +5,7 @@ Legend: T tokens, D model dim, E experts, K slots per token.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -22,6 +23,38 @@ from moe_plugin.routing.interface import (
     switch_balance_loss,
 )
 
+#: --moe-router-init values (see :func:`init_gate_weight_`)
+ROUTER_INITS = ("switch", "linear", "xavier")
+
+
+def init_gate_weight_(weight_ED: torch.Tensor, scheme: str, scale: float) -> torch.Tensor:
+    """Initialise a gate weight (E, D) in place; D = fan-in (the model dim).
+
+    * ``switch`` (default): Switch Transformer Sec. 2.4 "Smaller parameter initialization
+      for stability": a normal with mean 0 and std sigma = sqrt(s / D), s = ``scale`` (the
+      paper's 0.1), truncated at +-2 sigma (sigma is the std before truncation, as in
+      TensorFlow's ``truncated_normal`` and ``torch.nn.init.trunc_normal_``; the values'
+      std is 0.88 sigma).
+    * ``linear``: PyTorch's ``nn.Linear`` default (Kaiming uniform, a = sqrt(5), i.e.
+      U(-1/sqrt(D), 1/sqrt(D))), which the gates of fairseq's moe branch get
+      (``fairseq/modules/moe/top1gate.py`` / ``top2gate.py``: ``Linear(model_dim, E)``).
+    * ``xavier``: Xavier/Glorot uniform, U(-sqrt(6 / (D + E)), +sqrt(6 / (D + E))), the
+      default initializer of Hetu's SAM gate (``python/hetu/layers/SAMGate.py``).
+    """
+    if scheme not in ROUTER_INITS:
+        raise ValueError(f"--moe-router-init: {scheme!r} is not allowed; allowed: {', '.join(ROUTER_INITS)}")
+    if not (scale > 0) or math.isinf(scale):
+        raise ValueError(f"--moe-router-init-scale: {scale} is not allowed; allowed: a finite number > 0")
+    with torch.no_grad():
+        if scheme == "switch":
+            sigma = math.sqrt(scale / weight_ED.shape[1])
+            nn.init.trunc_normal_(weight_ED, mean=0.0, std=sigma, a=-2.0 * sigma, b=2.0 * sigma)
+        elif scheme == "linear":
+            nn.init.kaiming_uniform_(weight_ED, a=math.sqrt(5))
+        else:
+            nn.init.xavier_uniform_(weight_ED)
+    return weight_ED
+
 
 class LinearGateRouter(Router):
     """A learned ``Linear(D, E)`` gate with optional fp32 logits, input jitter and capacity.
@@ -32,8 +65,9 @@ class LinearGateRouter(Router):
     def __init__(self, cfg, model_dim: int, **kwargs):
         super().__init__(cfg, model_dim, **kwargs)
         self.gate = nn.Linear(model_dim, self.num_experts, bias=False)
-        # small init keeps early routing close to uniform (Switch: scale 0.1 truncated normal)
-        nn.init.normal_(self.gate.weight, std=0.1 / model_dim**0.5)
+        init_gate_weight_(
+            self.gate.weight, getattr(cfg, "moe_router_init", "switch"), getattr(cfg, "moe_router_init_scale", 0.1)
+        )
         self.use_fp32 = cfg.moe_gating_use_fp32
         self.jitter_eps = getattr(cfg, "moe_jitter_eps", 0.0)
         self.capacity_factor = cfg.moe_capacity_factor

@@ -5,6 +5,12 @@ dropped (their FFN output is zero, so the layer's residual carries them through)
 the load-balancing loss ``E * sum_e f_e P_e`` and the optional router z-loss (weights set in
 the criterion). Options: ``--moe-jitter-eps`` multiplies the router input by U(1-eps, 1+eps)
 in training.
+
+Router weights (``LinearGateRouter``, shared with gshard and sam): ``--moe-router-init
+switch`` (default) is the paper's Sec. 2.4 initialisation, a truncated normal with std
+sqrt(s / D), s = ``--moe-router-init-scale`` = 0.1, cut at 2 std; ``linear`` is nn.Linear's
+default, what fairseq's moe-branch gates get. The router input is cast to float32
+(``--moe-gating-use-fp32``, the paper's "selective precision", Sec. 2.4).
 """
 
 from dataclasses import dataclass, field
@@ -18,6 +24,16 @@ from moe_plugin.routing.softmax_topk import LinearGateRouter
 class SwitchOptions:
     moe_jitter_eps: float = field(
         default=0.0, metadata={"help": "switch/gshard: multiplicative router-input jitter in training (0 = off)"}
+    )
+    moe_router_init: str = field(
+        default="switch",
+        metadata={"help": "initialisation of the learned softmax gates (switch, gshard, sam): 'switch' "
+                          "(Switch Transformer Sec. 2.4: truncated normal, std sqrt(s/D), cut at 2 std), "
+                          "'linear' (nn.Linear's default, as fairseq's moe branch), 'xavier' (Xavier uniform, "
+                          "as Hetu's SAM gate)"},
+    )
+    moe_router_init_scale: float = field(
+        default=0.1, metadata={"help": "--moe-router-init switch: the scale s (Switch Transformer: 0.1)"}
     )
 
 

@@ -57,7 +57,7 @@ def build_plan(scale, args):
     moe = ["--moe-expert-count", str(E), "--moe-freq", "2"]
     s1, s2, s3 = sz["sublayers"]
     runs = [
-        R.Run("dense", "Data parallel (dense)", "transformer_lm", dataset, model,
+        R.Run("dense", "Data parallel (dense)", R.DENSE_ARCH, dataset, model,
               meta=dict(paper_key="data_parallel")),
         R.Run("top2", "Sparsely gated MoE (top-2)", "gshard_lm", dataset,
               model + moe + ["--moe-capacity-factor", "1.0"] + ep, meta=dict(paper_key="top2", experts=E)),

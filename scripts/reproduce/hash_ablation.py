@@ -81,7 +81,7 @@ def build_plan(scale, args):
             run.evals = []  # fairseq-eval-lm refuses the oracle: validation loss of the train log only
         return run
 
-    runs = [R.Run("dense", "Dense (no MoE)", "transformer_lm", dataset, model, group="ablation",
+    runs = [R.Run("dense", "Dense (no MoE)", R.DENSE_ARCH, dataset, model, group="ablation",
                   meta=dict(router="dense"))]
     runs += [hash_run(h, E1) for h in HASH_TYPES]
     for E in (E1, E2):

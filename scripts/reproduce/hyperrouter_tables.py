@@ -3,23 +3,26 @@
 text8 (bits per character) and WikiText-103 (perplexity), evaluated with K = 2 and K = E
 experts per token, plus the K sweep (the paper's inference-efficiency figure).
 
-Runs per dataset: dense ``transformer_lm`` with FFN E*F (the reference's dense baseline,
-hidden 8192 = 16 x 512); SMoE = a learned softmax router with top-2 (sam_lm with one group
-and ``--sam-renormalize``, i.e. softmax over the two chosen logits, FastMoE's gate; no
-token dropping); SMoE-Dropout (``smoe_dropout_lm``: frozen random router) and HyperRouter
-(``hyper_lm``: frozen hypernetwork, trainable embedding), both with K rising linearly from
-E/2 to E over training (the reference scripts: 8 -> 16). Evaluation: fairseq-eval-lm on
-the test split with ``--model-overrides "{'moe_eval_top_k': K}"`` (``{'moe_top_k': K}``
-for the SMoE row); then ``scripts/sweep_topk.py`` over K in {1, 2, 4, 8, 16}.
+Runs per dataset: dense (``dense_lm``: the MoE archs' model without MoE layers) with FFN E*F
+(the reference's dense baseline, hidden 8192 = 16 x 512); SMoE (``smoe_lm``: the reference's ``CustomNaiveGate``, a trainable
+Linear(D, E) with bias, top-2, softmax over the two chosen logits, no balance loss, no token
+dropping; the plain ``smoe_enwik8.sh`` recipe, see moe_plugin/routing/smoe.py for why not the
+versions with ``--freeze_gate``); SMoE-Dropout (``smoe_dropout_lm``: frozen random router)
+and HyperRouter (``hyper_lm``: frozen hypernetwork, trainable embedding), both with K rising
+linearly from E/2 to E over training (the reference scripts: ``linear_increase`` 8 -> 16;
+these are also the archs' defaults, written out here). Evaluation: fairseq-eval-lm on the
+test split with ``--model-overrides "{'moe_eval_top_k': K}"`` for K = 2 and K = E, as the
+reference's ``train.py`` validates every gate; then ``scripts/sweep_topk.py`` over K in
+{1, 2, 4, 8, 16}.
 
-Scales: ``paper`` = the reference's Transformer-XL-sized model in fairseq's transformer_lm
+Scales: ``paper`` = the reference's Transformer-XL-sized model in fairseq's Transformer LM
 (4 layers, d=256, 8 heads, 16 experts of hidden 512 in every layer), Adam 2.5e-4 with a
 cosine schedule, 400k updates of 22 x 512 tokens, clip 0.25, on 2 GPUs of one node
 (torchrun; the GPU count is not given: our choice), enwik8 + text8 + WikiText-103;
 ``mini`` = one GPU, the same model, 3000 updates, enwik8 + WikiText-103, the sweep on
 enwik8; ``tiny`` = CPU, d=64, 2 layers, 8 experts of hidden 64, the synthetic corpus as
 words (ppl) and as bytes (BPC, enwik8's format). Differences (Transformer-XL's recurrence
-memory and relative positions are not in fairseq's transformer_lm, ...):
+memory and relative positions are not in fairseq's Transformer LM, ...):
 docs/reproduction.md.
 """
 
@@ -64,8 +67,8 @@ def build_plan(scale, args):
         hp = R.hp_for(scale, args, updates=150)
         launcher = R.launcher_for(scale)
     U = int(hp["updates"])
-    schedule = ["--moe-top-k-schedule", "linear", "--moe-top-k-min", str(E // 2), "--moe-top-k-max", str(E),
-                "--moe-top-k-schedule-updates", str(U)]
+    schedule = ["--moe-top-k-schedule", "linear_increase", "--moe-top-k-min", str(E // 2), "--moe-top-k-max",
+                str(E), "--moe-top-k-schedule-updates", str(U)]
     moe_common = ["--moe-expert-count", str(E), "--moe-freq", "1", "--moe-expert-ffn-dim", str(F),
                   "--moe-capacity-factor", "inf", "--moe-eval-capacity-factor", "inf"]
     runs, datasets = [], {}
@@ -76,19 +79,18 @@ def build_plan(scale, args):
         moe_model = R.model_flags(d, sz["layers"], sz["heads"], F, adaptive)
         dense_model = R.model_flags(d, sz["layers"], sz["heads"], E * F, adaptive)
 
-        def evals(key):
-            return [R.EvalSpec(f"k{k}", "test", {key: k}, f"K={k}") for k in (2, E)]
+        evals = [R.EvalSpec(f"k{k}", "test", {"moe_eval_top_k": k}, f"K={k}") for k in (2, E)]
 
         runs += [
-            R.Run(f"dense_{short}", "Dense", "transformer_lm", ds, dense_model, group=ds,
+            R.Run(f"dense_{short}", "Dense", R.DENSE_ARCH, ds, dense_model, group=ds,
                   meta=dict(kind="dense", experts=E)),
-            R.Run(f"smoe_{short}", "SMoE", "sam_lm", ds,
-                  moe_model + moe_common + ["--sam-groups", "1", "--sam-renormalize", "--moe-top-k", "2"],
-                  group=ds, evals=evals("moe_top_k"), meta=dict(kind="smoe", experts=E)),
+            R.Run(f"smoe_{short}", "SMoE", "smoe_lm", ds,
+                  moe_model + moe_common + ["--moe-top-k-schedule", "none", "--moe-top-k", "2"],
+                  group=ds, evals=evals, meta=dict(kind="smoe", experts=E)),
             R.Run(f"smoe_dropout_{short}", "SMoE-Dropout", "smoe_dropout_lm", ds, moe_model + moe_common + schedule,
-                  group=ds, evals=evals("moe_eval_top_k"), meta=dict(kind="smoe_dropout", experts=E)),
+                  group=ds, evals=evals, meta=dict(kind="smoe_dropout", experts=E)),
             R.Run(f"hyper_{short}", "HyperRouter", "hyper_lm", ds, moe_model + moe_common + schedule,
-                  group=ds, evals=evals("moe_eval_top_k"), meta=dict(kind="hyper", experts=E)),
+                  group=ds, evals=evals, meta=dict(kind="hyper", experts=E)),
         ]
     plan = R.Plan(SCRIPT, scale, "HyperRouter: dense, SMoE, SMoE-Dropout, HyperRouter at K=2 and K=E, "
                   "and the K sweep (Do et al. 2023)", runs, datasets, hp, launcher,

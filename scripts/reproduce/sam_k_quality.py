@@ -12,8 +12,8 @@ routing metrics of SAM: the fraction of tokens sent to another device (``xdev_fr
 simulated G-device layout off expert parallelism), what flat top-K of the same router
 would send (``topk_xdev_frac``), and how often the chosen group holds the global top-K.
 
-The paper's full text could not be read: its model sizes, data and numbers are unknown
-(ROUTERS.md section 3). Scales: ``paper`` = a GPT-2-small-sized model (d=768, 12 layers,
+Only the paper's abstract could be read: its model sizes, data and numbers are unknown
+(docs/sam.md). Scales: ``paper`` = a GPT-2-small-sized model (d=768, 12 layers,
 12 heads, FFN 3072) with 32 experts in every 2nd layer, 8 groups = 8 GPUs of one node
 (torchrun, expert parallel), WikiText-103 -- our choice; ``mini`` = one GPU, d=512,
 6 layers, 16 experts, 4 groups, WikiText-103; ``tiny`` = CPU, d=64, 4 layers, 8 experts,

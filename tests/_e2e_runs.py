@@ -1,0 +1,65 @@
+"""fairseq-train and fairseq-eval-lm runs on the tiny corpus, shared by test_e2e.py and
+test_eval_invariance.py: every arch (the dense baseline and every registered MoE arch) is
+trained once per test session (cached in pytest's base temp directory), and every
+fairseq-eval-lm command runs once per session (cached in memory)."""
+
+import re
+from typing import Dict, List, Tuple
+
+from moe_plugin.config import DENSE_ARCH
+from moe_plugin.routing import ARCHS, DEMO_ARGS
+from tests.conftest import TINY_MODEL, TINY_TRAIN, USER_DIR, run_cli
+
+#: the dense baseline first, then every registered MoE arch (a new router joins by registering)
+ALL_ARCHS = [DENSE_ARCH] + sorted(ARCHS)
+UPDATES = 6
+EXPERTS = 4
+
+#: fairseq-eval-lm flags of the runs here (per-token scores printed; --max-tokens varies)
+EVAL_ARGS = ["--tokens-per-sample", "32", "--context-window", "0", "--output-word-probs"]
+
+_EVAL_CACHE: Dict[tuple, str] = {}
+
+
+def train_args(arch: str) -> List[str]:
+    """fairseq-train flags of ``arch`` after the common tiny ones (none for the dense baseline)."""
+    if arch not in ARCHS:
+        return []
+    return ["--moe-expert-count", str(EXPERTS), *[a.format(max_update=UPDATES) for a in DEMO_ARGS.get(arch, [])]]
+
+
+def trained(tmp_path_factory, data_bin: str, arch: str) -> Tuple[str, str]:
+    """(checkpoint_last.pt, train log) of ``arch`` trained for UPDATES updates, once per session."""
+    save = tmp_path_factory.getbasetemp() / "e2e_runs" / arch
+    ckpt, log = save / "checkpoint_last.pt", save / "train.log"
+    if not (ckpt.exists() and log.exists()):
+        proc = run_cli("train", data_bin, *TINY_TRAIN, *TINY_MODEL, "--arch", arch, "--criterion",
+                       "moe_cross_entropy", "--max-update", UPDATES, "--save-dir", save, *train_args(arch))
+        log.write_text(proc.stdout + proc.stderr)
+    return str(ckpt), log.read_text()
+
+
+def eval_lm(data_bin: str, ckpt: str, *args) -> str:
+    """Output of ``fairseq-eval-lm DATA --path CKPT --cpu ARGS`` (run once per session)."""
+    key = (data_bin, ckpt) + tuple(map(str, args))
+    if key not in _EVAL_CACHE:
+        proc = run_cli("eval_lm", data_bin, "--user-dir", USER_DIR, "--path", ckpt, "--cpu", "--num-workers", "0",
+                       *args)
+        _EVAL_CACHE[key] = proc.stdout + proc.stderr
+    return _EVAL_CACHE[key]
+
+
+_WORD_PROBS = re.compile(r"fairseq_cli\.eval_lm[:|\s]+(\d+) (.*)$")
+_SCORE = re.compile(r" \[(-?[\d.]+(?:e-?\d+)?|-?inf|nan)\]")
+
+
+def word_scores(output: str) -> Dict[int, List[float]]:
+    """Per-token log-probabilities (natural log) by sample id, from ``--output-word-probs``
+    lines ``<id> word [score]\\tword [score]...`` (6 decimals)."""
+    out = {}
+    for line in output.splitlines():
+        m = _WORD_PROBS.search(line)
+        if m:
+            out[int(m.group(1))] = [float(s) for s in _SCORE.findall(m.group(2))]
+    assert out, f"no --output-word-probs lines in eval-lm output:\n{output[-3000:]}"
+    return out
