@@ -229,16 +229,24 @@ def routed_load(train_txt, d, table, experts, eos_mode):
     return load
 
 
-def balanced_loads(text_dir, tmp_path, experts):
-    """{eos mode: routed load} of balanced tables packed from the train split's true counts."""
+_COUNTS = {}  # train.txt -> true_counts(...), shared by the parametrised cases
+
+
+def check_balanced_loads(text_dir, tmp_path, experts):
+    """Balanced tables packed from the train split's true counts, routed over the text:
+    max/mean <= 1.05, except that with </s> on its own entry no table beats the largest
+    single count (</s> is 1.7% of the synthetic corpus, above the mean load for E = 64)."""
     train = os.path.join(text_dir, "train.txt")
-    d, _, counts = true_counts(train, tmp_path)
-    out = {}
+    if train not in _COUNTS:
+        _COUNTS[train] = true_counts(train, tmp_path)
+    d, _, counts = _COUNTS[train]
     for mode in ("table", "previous"):
         voc = VocabInfo(size=len(d), pad=d.pad(), eos=d.eos(), counts_V=counts, counts_source="train split")
         table = make("balanced", moe_expert_count=experts, voc=voc, hash_balanced_eos=mode).table_VN[:, 0]
-        out[mode] = routed_load(train, d, table, experts, mode)
-    return out
+        load = routed_load(train, d, table, experts, mode)
+        assert float(load.sum()) == float(counts.sum())
+        limit = max(1.05 * float(load.mean()), float(counts.max()) if mode == "table" else 0.0)
+        assert float(load.max()) <= limit, mode
 
 
 def synthetic(tmp_path, *args):
@@ -251,9 +259,7 @@ def synthetic(tmp_path, *args):
 @pytest.mark.parametrize("experts", [4, 8, 16])
 def test_balanced_table_load_small_synthetic_dictionary(tmp_path_factory, experts):
     """Default synthetic config (vocabulary, domains, Zipf shape) with fewer training tokens."""
-    text = _small_syn(tmp_path_factory)
-    for mode, load in balanced_loads(text, tmp_path_factory.mktemp("d"), experts).items():
-        assert float(load.max() / load.mean()) <= 1.05, mode
+    check_balanced_loads(_small_syn(tmp_path_factory), tmp_path_factory.mktemp("d"), experts)
 
 
 _SMALL = {}
@@ -272,8 +278,7 @@ def test_balanced_table_load_default_synthetic_dictionary(tmp_path_factory, expe
     """The default synthetic corpus (python data-prep/synthetic.py --out DIR)."""
     if "default" not in _SMALL:
         _SMALL["default"] = synthetic(tmp_path_factory.mktemp("syndef"))
-    for mode, load in balanced_loads(_SMALL["default"], tmp_path_factory.mktemp("d"), experts).items():
-        assert float(load.max() / load.mean()) <= 1.05, mode
+    check_balanced_loads(_SMALL["default"], tmp_path_factory.mktemp("d"), experts)
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """Expert parallelism (E/W experts per worker, tokens by all-to-all) and its checkpoints.
 
 - :mod:`.all_to_all`: differentiable uneven all-to-all over torch.distributed.
+- :mod:`.shuffle`: BASE's token shuffle (``--base-shuffle``): tokens to random workers
+  before routing and back after.
 - :mod:`.dispatcher`: :class:`ExpertParallelDispatcher` (the LocalDispatcher interface)
   and :func:`make_expert_parallel`, which turns a built MoE layer into this rank's part.
 - :mod:`.layout`: the expert layout metadata every moe_lm checkpoint carries, and the

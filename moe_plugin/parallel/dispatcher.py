@@ -31,6 +31,10 @@ assignment, balance losses are computed over the rank's batch), exactly as in lo
 data-parallel mode. Expert parallelism changes where an expert runs, never what a token
 computes: W ranks in expert-parallel mode equal one process holding all experts that runs
 the W ranks' batches as W micro-batches (fairseq's --update-freq W) and sums the losses.
+One exception, by design: BASE's ``--base-shuffle`` (on by default in base_lm, as in
+fairseq) first sends every token to a random rank (:mod:`.shuffle`), so in training a rank
+routes a random sample of the global batch; the W ranks then equal the same W ranks in
+local mode (every rank holding all experts), not the one-process run.
 
 Gradients (fairseq, --ddp-backend legacy_ddp): shared parameters are all-reduced and
 divided by W, then fairseq multiplies every gradient by W / (global sample size). An
@@ -104,7 +108,7 @@ class ExpertParallelDispatcher:
       the K combine weights of each pair travel too (a (P, K) all-to-all, differentiable), the
       receiver sums each pair's weighted expert outputs and one row per pair comes back.
       This is what makes SAM's K experts inside one device's group cost one trip there and
-      one back, whatever K (ROUTERS.md, SAM). Rows reach each expert in the same order as
+      one back, whatever K (SAM, Jiang et al. 2021, abstract). Rows reach each expert in the same order as
       in the slot exchange (source rank, then token).
 
     ``last_rows_sent`` / ``last_rows_remote``: rows this rank sent in the last dispatch, and

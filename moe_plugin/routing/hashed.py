@@ -346,8 +346,8 @@ class HashRouter(Router):
             elif self.hash_type == "balanced":
                 if vocab.counts_V is None:
                     raise ValueError(
-                        "--hash-type balanced: needs token counts (fairseq's dict.txt), and the "
-                        "dictionary has none; allowed without counts: random, bigram, previous, position"
+                        "--hash-type balanced: needs token counts (the training split's or dict.txt's), and "
+                        "none were given; allowed without counts: random, bigram, previous, position"
                     )
                 counts_V = vocab.counts_V[:V].clone()
                 if self.balanced_eos_previous:
