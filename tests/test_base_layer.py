@@ -87,6 +87,29 @@ def test_output_weights_start_at_zero():
     assert (bank(x, torch.tensor([2, 2, 2])) == 0).all()  # every expert is the identity
 
 
+def test_sublayer_init_matches_fairseqs_base_sublayer():
+    """fairseq's BaseSublayer (LayerNorm, ff1, ff2 as nn.Linear, ff2.weight zeroed) is the
+    reference: LayerNorm ones/zeros, ff2's weight zero, every other weight and bias uniform
+    with nn.Linear's bound 1/sqrt(fan_in) (compared by range and spread on large layers)."""
+    import argparse
+
+    from fairseq.modules.base_layer import BaseSublayer
+
+    Dm, Fm, E = 64, 256, 8
+    torch.manual_seed(0)
+    theirs = BaseSublayer(argparse.Namespace(decoder_embed_dim=Dm, decoder_ffn_embed_dim=Fm, activation_fn="relu"))
+    ours = BaseSublayerBank(E, Dm, Fm, 1)
+    bank = ours.ffns[0]
+    assert (ours.ln_weight_ESD == 1).all() and (ours.ln_bias_ESD == 0).all()
+    assert (theirs.norm.weight == 1).all() and (theirs.norm.bias == 0).all()
+    assert (theirs.ff2.weight == 0).all() and (bank.w2_EFD == 0).all()
+    for mine, ref in ((bank.w1_EDF, theirs.ff1.weight), (bank.b1_EF, theirs.ff1.bias), (bank.b2_ED, theirs.ff2.bias)):
+        ref = ref.detach()
+        assert abs(float(mine.abs().max()) / float(ref.abs().max()) - 1) < 0.05
+        assert abs(float(mine.std()) / float(ref.std()) - 1) < 0.15
+        assert abs(float(mine.mean())) < 0.1 * float(ref.abs().max())
+
+
 def test_expert_parameters_can_be_sharded_for_expert_parallelism():
     from moe_plugin.parallel import shard_experts
 
@@ -126,6 +149,8 @@ def test_layer_equals_slow_reference_of_the_formula(S, training):
     g_ref = torch.autograd.grad(ref.square().sum(), params, allow_unused=True)
     for a, b in zip(g_fast, g_ref):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    # no auxiliary loss; every real token is routed (no dropping)
+    assert layer.moe.last_aux_losses == {} and bool((expected[valid] >= 0).all())
     # padding passes through unchanged and is not counted
     torch.testing.assert_close(y.reshape(-1, D)[~valid], x.reshape(-1, D)[~valid])
     assert int(layer.moe.last_stats["tokens_per_expert"].sum()) == int(valid.sum())
@@ -244,6 +269,9 @@ def test_shuffle_default_is_fairseqs_transformer_lm_default(tiny_corpus):
         _, model = build(data_bin, "base_lm", "--decoder-layers", "2", *extra)
         assert [m.shuffle for m in model.decoder.layers if isinstance(m, BaseLayer)] == [expected]
     assert fairseq_default
+    # the shuffle's generator follows fairseq's --seed (moe_seed)
+    _, model = build(data_bin, "base_lm", "--decoder-layers", "2", "--seed", "5")
+    assert [m.shuffle_seed for m in model.decoder.layers if isinstance(m, BaseLayer)] == [5]
 
 
 @pytest.mark.parametrize(
