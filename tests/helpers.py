@@ -59,3 +59,15 @@ def reference_moe(x_TD, expert_ids_TK, weights_TK, experts):
             h = experts.activation(h)
             out[t] = out[t] + weights_TK[t, k] * (h @ experts.w2_EFD[e] + experts.b2_ED[e])
     return out
+
+
+def lm_sample(src_BT: torch.Tensor, tgt_BT: torch.Tensor, pad: int) -> dict:
+    """A fairseq language-modelling sample from (B, L) source and target ids (pad marks padding)."""
+    B, L = src_BT.shape
+    return {
+        "id": torch.arange(B),
+        "net_input": {"src_tokens": src_BT, "src_lengths": src_BT.ne(pad).sum(1)},
+        "target": tgt_BT,
+        "ntokens": int(tgt_BT.ne(pad).sum()),
+        "nsentences": B,
+    }

@@ -13,6 +13,7 @@ import torch
 import moe_plugin  # noqa: F401
 from moe_plugin.routing import ARCHS
 from moe_plugin.routing import balanced as balanced_mod
+from tests.helpers import lm_sample
 from tests.test_fairseq_integration import build
 
 #: per-arch flags making every loss of the arch count and every router path run
@@ -33,13 +34,7 @@ def _batch(task, bsz=3, length=12, seed=0):
         tokens[b, n:] = d.pad()
     target = torch.cat([tokens[:, 1:], tokens.new_full((bsz, 1), d.pad())], dim=1)
     target[tokens.eq(d.pad())] = d.pad()
-    return {
-        "id": torch.arange(bsz),
-        "net_input": {"src_tokens": tokens, "src_lengths": lengths},
-        "target": target,
-        "ntokens": int(target.ne(d.pad()).sum()),
-        "nsentences": bsz,
-    }
+    return lm_sample(tokens, target, d.pad())
 
 
 def _step(model, criterion, sample, rng_seed):

@@ -28,6 +28,7 @@ from moe_plugin.config import DENSE_ARCH
 from moe_plugin.models.moe_lm import MoEDecoderLayer, MoELanguageModel
 from moe_plugin.moe_layer import MoELayer
 from moe_plugin.routing import ARCHS, DEMO_ARGS
+from tests.helpers import lm_sample
 from tests.conftest import ROOT, USER_DIR
 from tests.test_fairseq_integration import build
 
@@ -237,9 +238,8 @@ def test_moe_cross_entropy_without_moe_layers_is_cross_entropy(tiny_corpus):
     src = torch.randint(4, len(task.dictionary), (2, 7))
     tgt = torch.randint(4, len(task.dictionary), (2, 7))
     tgt[1, -2:] = pad
-    ntok = int(tgt.ne(pad).sum())
-    sample = {"net_input": {"src_tokens": src, "src_lengths": torch.full((2,), 7)}, "target": tgt,
-              "ntokens": ntok, "id": torch.arange(2)}
+    sample = lm_sample(src, tgt, pad)
+    ntok = sample["ntokens"]
     loss, sample_size, log = crit(model, sample)
     logits = model(src)[0]
     nll = F.cross_entropy(logits.view(-1, logits.size(-1)), tgt.view(-1), ignore_index=pad, reduction="sum")

@@ -14,6 +14,7 @@ from fairseq.models import ARCH_MODEL_REGISTRY
 import moe_plugin  # noqa: F401
 from moe_plugin.moe_layer import MoELayer
 from moe_plugin.routing import ARCHS
+from tests.helpers import lm_sample
 from tests.conftest import TINY_MODEL, USER_DIR
 
 SMALL = ["--decoder-layers", "4", "--decoder-embed-dim", "16", "--decoder-ffn-embed-dim", "32",
@@ -145,9 +146,8 @@ def test_criterion_arithmetic(tiny_corpus):
     src = torch.randint(4, len(task.dictionary), (4, 10))
     tgt = torch.randint(4, len(task.dictionary), (4, 10))
     tgt[0, -3:] = pad
-    ntok = int(tgt.ne(pad).sum())
-    sample = {"net_input": {"src_tokens": src, "src_lengths": torch.full((4,), 10)}, "target": tgt,
-              "ntokens": ntok, "id": torch.arange(4)}
+    sample = lm_sample(src, tgt, pad)
+    ntok = sample["ntokens"]
     torch.manual_seed(3)
     loss, sample_size, log = crit(model, sample)
     assert sample_size == ntok
