@@ -25,7 +25,7 @@ padding tokens are not routed (they pass through unchanged).
 ``--base-shuffle`` (fairseq's flag and default, 1): in training on W > 1 workers, every real
 token goes to a random worker before routing and comes back to its row after, as in
 fairseq's ``BaseLayer.forward``, so that the batch a worker balances over is a random
-sample of the global batch (moe_plugin/parallel/shuffle.py: uneven token counts, padding,
+sample of the global batch (moe_plugin/dispatch/shuffle.py: uneven token counts, padding,
 the random numbers). Local and expert-parallel mode alike: the shuffle comes before the
 layer's own dispatch. In one process, and in evaluation, nothing is shuffled: the balanced
 assignment of a set of tokens does not depend on their order (up to ties), and fairseq
@@ -144,12 +144,12 @@ class BaseLayer(nn.Module):
         experts = BaseSublayerBank(cfg.moe_expert_count, model_dim, ffn_dim, num_sublayers, activation)
         self.moe = MoELayer(router, experts)
         if getattr(cfg, "moe_expert_parallel", False):
-            from moe_plugin.parallel import make_expert_parallel
+            from moe_plugin.dispatch.expert_parallel import make_expert_parallel
 
             make_expert_parallel(self.moe)
         self.moe.token_source = token_source
         self.shuffle = bool(shuffle)
-        # the shuffle's random state (moe_plugin/parallel/shuffle.py): fairseq's --seed, the
+        # the shuffle's random state (moe_plugin/dispatch/shuffle.py): fairseq's --seed, the
         # update count (set_num_updates) and the shuffles drawn since it last changed
         self.shuffle_seed = getattr(cfg, "moe_seed", None)
         self._shuffle_update, self._shuffle_count = 0, 0
@@ -177,10 +177,10 @@ class BaseLayer(nn.Module):
             self._shuffle_update, self._shuffle_count = int(num_updates), 0
 
     def _shuffle_plan(self, x: torch.Tensor):
-        """The token shuffle of this forward (moe_plugin/parallel/shuffle.py), or None: only
+        """The token shuffle of this forward (moe_plugin/dispatch/shuffle.py), or None: only
         in training with --base-shuffle on more than one worker (fairseq shuffles only in
         training; in one process a shuffle changes no balanced assignment)."""
-        from moe_plugin.parallel import shuffle as shuffle_mod
+        from moe_plugin.dispatch import shuffle as shuffle_mod
 
         self.last_shuffle = None
         if not (self.shuffle and self.training) or shuffle_mod.dist_world_size() == 1:

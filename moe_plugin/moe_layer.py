@@ -162,8 +162,8 @@ def build_moe_layer(
     layer = router.make_layer(experts) if hasattr(router, "make_layer") else None
     layer = layer if layer is not None else MoELayer(router, experts)
     if getattr(cfg, "moe_expert_parallel", False):
-        # keep this rank's E/W experts, all-to-all dispatch (moe_plugin/parallel)
-        from moe_plugin.parallel import make_expert_parallel
+        # keep this rank's E/W experts, all-to-all dispatch (moe_plugin/dispatch/expert_parallel.py)
+        from moe_plugin.dispatch.expert_parallel import make_expert_parallel
 
         make_expert_parallel(layer)
     return layer

@@ -36,7 +36,7 @@ scripts/launch_cpu.sh 2 train "$DATA" --task language_modeling --user-dir moe_pl
 ls "$OUT/ckpt"
 
 echo "== reshard 2 -> 1"
-"$PYTHON" -m moe_plugin.reshard --input "$OUT/ckpt/checkpoint_last.pt" --world-size 1 --output "$OUT/ckpt1" 2>&1 | grep -v tensorboardX
+"$PYTHON" -m moe_plugin.tools.reshard --input "$OUT/ckpt/checkpoint_last.pt" --world-size 1 --output "$OUT/ckpt1" 2>&1 | grep -v tensorboardX
 
 EVAL=("$DATA" --user-dir moe_plugin --tokens-per-sample 32 --max-tokens 512)
 echo "== evaluate: 1 process (resharded) and 2 ranks (shards as trained)"

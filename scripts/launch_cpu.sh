@@ -13,7 +13,7 @@
 #   --distributed-backend gloo --distributed-init-method tcp://127.0.0.1:PORT --distributed-no-spawn
 # and, for train with --moe-expert-parallel and no --ddp-backend, --ddp-backend legacy_ddp.
 #
-# Resume (train): before starting, `python -m moe_plugin.reshard --resume SAVE_DIR
+# Resume (train): before starting, `python -m moe_plugin.tools.reshard --resume SAVE_DIR
 # --world-size W` picks the newest complete checkpoint set whose shards agree (a run killed
 # while writing leaves a truncated or half-written set: it is skipped); when that is not
 # checkpoint_last, --restore-file is added. A newer set written for another world size
@@ -52,7 +52,7 @@ if [[ "$MODULE" == train ]]; then
     fi
     SAVE_DIR=$(arg_value --save-dir checkpoints)
     if [[ -d "$SAVE_DIR" ]] && ! has_arg --restore-file && ! has_arg --no-save; then
-        RESTORE=$("$PYTHON" -W ignore -m moe_plugin.reshard --resume "$SAVE_DIR" --world-size "$W" 2> "$LOG_DIR/resume.err") || {
+        RESTORE=$("$PYTHON" -W ignore -m moe_plugin.tools.reshard --resume "$SAVE_DIR" --world-size "$W" 2> "$LOG_DIR/resume.err") || {
             cat "$LOG_DIR/resume.err" >&2
             exit 2
         }

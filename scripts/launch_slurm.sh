@@ -62,7 +62,7 @@ if [[ "$MODULE" == train ]]; then
     fi
     SAVE_DIR=$(arg_value --save-dir checkpoints)
     if [[ -d "$SAVE_DIR" ]] && ! has_arg --restore-file && ! has_arg --no-save && [[ -z "${MOE_DRY_RUN:-}" ]]; then
-        RESTORE=$("$PYTHON" -W ignore -m moe_plugin.reshard --resume "$SAVE_DIR" --world-size "$WORLD")
+        RESTORE=$("$PYTHON" -W ignore -m moe_plugin.tools.reshard --resume "$SAVE_DIR" --world-size "$WORLD")
         if [[ -n "$RESTORE" && "$(basename "$RESTORE")" != checkpoint_last.pt ]]; then
             echo "launch_slurm.sh: checkpoint_last is missing or broken; resuming from $RESTORE" >&2
             EXTRA+=(--restore-file "$RESTORE")

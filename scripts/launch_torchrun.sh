@@ -10,7 +10,7 @@
 # device per rank, no spawning); this script adds --distributed-world-size NGPU and, for
 # train with --moe-expert-parallel and no --ddp-backend, --ddp-backend legacy_ddp.
 # Before train it picks the checkpoint to resume from exactly as scripts/launch_cpu.sh
-# does (python -m moe_plugin.reshard --resume).
+# does (python -m moe_plugin.tools.reshard --resume).
 #
 # Environment: PYTHON (default python), TORCHRUN (default torchrun; --standalone picks a
 # free port), MOE_DRY_RUN=1 prints the command instead of running it.
@@ -37,7 +37,7 @@ if [[ "$MODULE" == train ]]; then
     fi
     SAVE_DIR=$(arg_value --save-dir checkpoints)
     if [[ -d "$SAVE_DIR" ]] && ! has_arg --restore-file && ! has_arg --no-save && [[ -z "${MOE_DRY_RUN:-}" ]]; then
-        RESTORE=$("$PYTHON" -W ignore -m moe_plugin.reshard --resume "$SAVE_DIR" --world-size "$NGPU")
+        RESTORE=$("$PYTHON" -W ignore -m moe_plugin.tools.reshard --resume "$SAVE_DIR" --world-size "$NGPU")
         if [[ -n "$RESTORE" && "$(basename "$RESTORE")" != checkpoint_last.pt ]]; then
             echo "launch_torchrun.sh: checkpoint_last is missing or broken; resuming from $RESTORE" >&2
             EXTRA+=(--restore-file "$RESTORE")

@@ -1,12 +1,12 @@
-"""A tiny real run through the reproduce machinery (moe_plugin/reproduce.py), shared by
+"""A tiny real run through the reproduce machinery (moe_plugin/experiments/runner.py), shared by
 test_reproduce.py and test_analysis.py: one hash_lm run (random hash, 4 experts in both
 layers of TINY_MODEL's shape) trained for 12 updates with fairseq-train, evaluated with
-fairseq-eval-lm, reported by moe_plugin.report. Built once per test session (cached in
+fairseq-eval-lm, reported by moe_plugin.tools.report. Built once per test session (cached in
 pytest's base temp directory)."""
 
 import os
 
-from moe_plugin import reproduce as R
+from moe_plugin.experiments import runner as R
 
 UPDATES = 12
 

@@ -37,7 +37,7 @@ def a2a_inputs(case: str, rank: int) -> Tuple[torch.Tensor, torch.Tensor]:
 
 def a2a_job(case):
     def job(rank, world):
-        from moe_plugin.parallel import all_to_all
+        from moe_plugin.dispatch.all_to_all import all_to_all
 
         splits = A2A_SPLITS[case]
         x, w = a2a_inputs(case, rank)
@@ -87,7 +87,7 @@ def disp_experts() -> torch.Tensor:
 
 def disp_job(case):
     def job(rank, world):
-        from moe_plugin.parallel import ExpertParallelDispatcher
+        from moe_plugin.dispatch.expert_parallel import ExpertParallelDispatcher
 
         d = ExpertParallelDispatcher(DISP_E, world, rank)
         first, stop = d.expert_range
@@ -248,7 +248,7 @@ def router_job(name):
 
 
 # ----------------------------------------------------------------------------------------
-# BASE's token shuffle (--base-shuffle, moe_plugin/parallel/shuffle.py)
+# BASE's token shuffle (--base-shuffle, moe_plugin/dispatch/shuffle.py)
 # ----------------------------------------------------------------------------------------
 SH_D, SH_F, SH_E = 8, 16, 4
 #: case -> per rank: (batch, length, padding positions at the end of the last sequence)
@@ -306,7 +306,7 @@ def shuffle_plan_job(case):
     trip through an identity layer, and the gradient of sum(received * w)."""
 
     def job(rank, world):
-        from moe_plugin.parallel import shuffle as sh
+        from moe_plugin.dispatch import shuffle as sh
 
         B, L, _ = SH_CASES[case][rank]
         _, tok, _ = shuffle_inputs(case, rank)

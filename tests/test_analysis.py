@@ -1,4 +1,4 @@
-"""moe_plugin.analysis: the statistics against brute force / scipy / scikit-learn, and the dump
+"""moe_plugin.tools.analysis: the statistics against brute force / scipy / scikit-learn, and the dump
 of a real hash_lm checkpoint against the hash table it routes with."""
 
 import collections
@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from moe_plugin import analysis
+from moe_plugin.tools import analysis
 from tests import _reproduce_runs
 
 

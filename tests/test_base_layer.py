@@ -111,7 +111,7 @@ def test_sublayer_init_matches_fairseqs_base_sublayer():
 
 
 def test_expert_parameters_can_be_sharded_for_expert_parallelism():
-    from moe_plugin.parallel import shard_experts
+    from moe_plugin.dispatch.expert_parallel import shard_experts
 
     bank = BaseSublayerBank(4, D, FF, 2)
     local = shard_experts(bank, 4, 2, 4)

@@ -1,4 +1,4 @@
-"""BASE's token shuffle (--base-shuffle, moe_plugin/parallel/shuffle.py) on 2 gloo ranks.
+"""BASE's token shuffle (--base-shuffle, moe_plugin/dispatch/shuffle.py) on 2 gloo ranks.
 
 Both ranks run tests/_ep_worker.py (jobs ``shuffle_plan/*`` and ``shuffle_layer/*`` of
 tests/ep_cases.py). The references are computed here, in one process: which rows each rank
@@ -149,7 +149,7 @@ def test_shuffled_layer_equals_one_process_reference(results, case, mode):
         assert res[r]["plain"]["num_tokens"] == sum(res[r]["plain"]["recv"])
     for name, g in grads.items():
         if mode == "expert_parallel" and name.startswith("moe.experts."):
-            # each rank holds E/W experts; their gradient is divided by W (parallel/dispatcher.py)
+            # each rank holds E/W experts; their gradient is divided by W (dispatch/expert_parallel.py)
             L = ep_cases.SH_E // W
             for r in range(W):
                 torch.testing.assert_close(res[r]["plain"]["grads"][name] * W, g[r * L:(r + 1) * L],

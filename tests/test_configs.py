@@ -2,7 +2,7 @@
 
 The YAML is composed the way fairseq-hydra-train composes it (fairseq's hydra_init,
 hydra's compose, fairseq's add_defaults before and after the user dir is imported:
-``moe_plugin.reproduce.hydra_config``) and the model is built by fairseq's task; the CLI
+``moe_plugin.experiments.runner.hydra_config``) and the model is built by fairseq's task; the CLI
 arguments go through fairseq-train's parser and ``convert_namespace_to_omegaconf``. Both
 models must have the same state_dict keys and shapes, the same MoE options and the same
 frozen router tensors. The slow tests run fairseq-hydra-train itself and regenerate every
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from moe_plugin import config as moe_config
-from moe_plugin import reproduce as R
+from moe_plugin.experiments import runner as R
 from moe_plugin.routing import ARCHS
 from tests.conftest import ROOT, run_cli
 
@@ -69,7 +69,7 @@ def test_yaml_and_cli_build_the_same_model(script, run_name, tiny_corpus, tmp_pa
     committed = os.path.join(CONFIGS, "tiny", name + ".yaml")
     if os.path.exists(committed):  # the committed config is the generated one (not stale)
         body = "".join(line for line in open(committed) if not line.startswith("#"))
-        assert body == text, f"{committed} is stale: python -m moe_plugin.reproduce configs"
+        assert body == text, f"{committed} is stale: python -m moe_plugin.experiments.runner configs"
     (tmp_path / f"{name}.yaml").write_text(text)
     data_bin = tiny_corpus[1]
     m_cli, cfg_cli = build_from_cli(with_data(args, data_bin))
@@ -115,7 +115,7 @@ def test_every_reproduce_run_has_a_committed_config():
                 if run.arch in ARCHS or run.arch in R.FAIRSEQ_ARCHS:
                     names.add(os.path.join(scale, R.config_name(plan, run) + ".yaml"))
     missing = sorted(n for n in names if not os.path.exists(os.path.join(CONFIGS, n)))
-    assert not missing, f"missing configs (python -m moe_plugin.reproduce configs): {missing[:5]}"
+    assert not missing, f"missing configs (python -m moe_plugin.experiments.runner configs): {missing[:5]}"
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ from fairseq.models import ARCH_MODEL_REGISTRY
 from fairseq.models.transformer_lm import TransformerLanguageModelConfig, base_lm_architecture
 
 from moe_plugin.base_layer import BaseLayer
-from moe_plugin import reproduce as R
+from moe_plugin.experiments import runner as R
 from moe_plugin.config import DENSE_ARCH
 from moe_plugin.models.moe_lm import MoEDecoderLayer, MoELanguageModel
 from moe_plugin.moe_layer import MoELayer
@@ -298,7 +298,7 @@ def test_dense_lm_hydra_config_builds_the_cli_model(tiny_corpus, tmp_path):
     text = R.yaml_for_command(args)
     committed = os.path.join(CONFIGS, "tiny", name + ".yaml")
     body = "".join(line for line in open(committed) if not line.startswith("#"))
-    assert body == text, f"{committed} is stale: python -m moe_plugin.reproduce configs"
+    assert body == text, f"{committed} is stale: python -m moe_plugin.experiments.runner configs"
     assert "moe_freq: 0" in text and "_name: dense_lm" in text
     (tmp_path / f"{name}.yaml").write_text(text)
     data_bin = tiny_corpus[1]

@@ -26,10 +26,10 @@ import torch
 from fairseq import checkpoint_utils, options
 
 import moe_plugin  # noqa: F401
-from moe_plugin import reshard as reshard_mod
-from moe_plugin.parallel import checkpoints as ckpts
-from moe_plugin.parallel import fairseq_glue
-from moe_plugin.parallel.layout import CheckpointCorruptError, LayoutMismatchError
+from moe_plugin.tools import reshard as reshard_mod
+from moe_plugin.tools import checkpoints as ckpts
+from moe_plugin.models import expert_parallel as fairseq_glue
+from moe_plugin.models.checkpoint_layout import CheckpointCorruptError, LayoutMismatchError
 from moe_plugin.routing import ARCHS
 from tests.conftest import ROOT, USER_DIR, eval_lm_loss, run_cli
 
@@ -188,7 +188,7 @@ def test_shard_into_one_process_names_the_reshard_command(ep_run):
     msg = str(e.value)
     assert "layer 1: the checkpoint holds experts 2..3 of 4 (expert-parallel rank 1 of 2)" in msg
     assert "this model holds all 4 experts (1 worker)" in msg
-    assert "python -m moe_plugin.reshard --input CHECKPOINT --world-size 1" in msg
+    assert "python -m moe_plugin.tools.reshard --input CHECKPOINT --world-size 1" in msg
 
 
 def test_merged_checkpoint_loads_in_one_process(ep_run, tmp_path):
@@ -356,7 +356,7 @@ def test_acceptance_two_rank_training_evaluates_anywhere(tiny_corpus, tmp_path):
     launch(2, "train", data_bin, *TRAIN, *MODEL, "--arch", arch, "--moe-expert-parallel", "--max-update", "8",
            "--save-dir", save)
     assert sorted(os.listdir(save)) == ["checkpoint_last-rank-0.pt", "checkpoint_last-rank-1.pt"]
-    proc = subprocess.run([sys.executable, "-m", "moe_plugin.reshard", "--input", str(save / "checkpoint_last.pt"),
+    proc = subprocess.run([sys.executable, "-m", "moe_plugin.tools.reshard", "--input", str(save / "checkpoint_last.pt"),
                            "--world-size", "1", "--output", str(tmp_path / "one")], cwd=ROOT, capture_output=True,
                           text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
     assert proc.returncode == 0, proc.stderr

@@ -6,7 +6,7 @@ own LegacyDistributedDataParallel gradient reduction and fairseq's trainer scali
 (multiply by W / sample size). The reference here is one process holding all 4 experts
 that runs the same two micro-batches (routing is per micro-batch, as it is per rank:
 capacity, balance losses and BASE's assignment are computed over each rank's batch; see
-moe_plugin/parallel/dispatcher.py), sums the two losses and divides the gradient by the
+moe_plugin/dispatch/expert_parallel.py), sums the two losses and divides the gradient by the
 same sample size: what fairseq does with --update-freq 2 on one process. Router state that
 evolves with the batches seen (BASE's warm-start prices of the assignment solver) is per
 rank, as it is per process in local data-parallel mode: the reference restores it to the

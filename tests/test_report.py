@@ -1,4 +1,4 @@
-"""moe_plugin.report: log parsing on hand-written lines of every fairseq log format, the
+"""moe_plugin.tools.report: log parsing on hand-written lines of every fairseq log format, the
 paper-style tables on hand-made runs (values checked by hand), the plots."""
 
 import json
@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from moe_plugin import report
+from moe_plugin.tools import report
 
 # the same two train_inner records and one validation, as fairseq prints them in its four formats
 DEFAULT = """\

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from moe_plugin import reproduce as R
+from moe_plugin.experiments import runner as R
 from moe_plugin.routing import ARCHS
 from tests import _reproduce_runs
 from tests.conftest import ROOT
@@ -83,7 +83,7 @@ def test_dry_run_prints_the_exact_commands(script, scale, capsys):
                     assert ev.cmd[0] == "fairseq-eval-lm"
         else:
             assert cmd[0] == "fairseq-train"
-    assert steps[-1].cmd[:3] == ["python", "-m", "moe_plugin.report"]
+    assert steps[-1].cmd[:3] == ["python", "-m", "moe_plugin.tools.report"]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)
@@ -154,7 +154,7 @@ def tiny_run(tmp_path_factory, tiny_corpus):
 def test_tiny_run_through_runner_and_report(tiny_run):
     import json
 
-    from moe_plugin import report
+    from moe_plugin.tools import report
 
     rd = os.path.join(tiny_run.out, "hash_random")
     meta = json.load(open(os.path.join(rd, "run.json")))

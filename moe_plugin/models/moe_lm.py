@@ -40,7 +40,7 @@ from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
 
 from moe_plugin import config as moe_config
 from moe_plugin.moe_layer import MoELayer, build_moe_layer, checkpointed
-from moe_plugin.parallel import fairseq_glue as ep_glue, layout as ep_layout
+from moe_plugin.models import checkpoint_layout as ep_layout, expert_parallel as ep_glue
 from moe_plugin.models import token_counts
 from moe_plugin.routing import ARCHS, ROUTER_REGISTRY, TokenInfo, VocabInfo
 
@@ -246,7 +246,7 @@ class MoELanguageModel(TransformerLanguageModel):
             embed_tokens = cls.build_embedding(args, dictionary, args.decoder_input_dim)
         if args.tie_adaptive_weights and not args.adaptive_input:
             raise ValueError("--tie-adaptive-weights: requires --adaptive-input")
-        with ep_glue.decoder_base_layers(args):  # expert parallelism: moe_plugin/parallel/fairseq_glue.py
+        with ep_glue.decoder_base_layers(args):  # expert parallelism: moe_plugin/models/expert_parallel.py
             decoder = MoETransformerDecoder(
                 args, task.target_dictionary, embed_tokens, no_encoder_attn=True,
                 count_tokens=lambda: token_counts.training_token_counts(
@@ -255,7 +255,7 @@ class MoELanguageModel(TransformerLanguageModel):
         return cls(decoder)
 
     # Checkpoint layout (expert count, router, which experts this rank holds): saved as the
-    # model's extra state, checked before any tensor is loaded (moe_plugin/parallel/layout.py).
+    # model's extra state, checked before any tensor is loaded (moe_plugin/models/checkpoint_layout.py).
     def get_extra_state(self):
         return ep_layout.model_layout(self)
 

@@ -79,7 +79,7 @@ traffic:
   per device it visits other than its own; for SAM at most once);
 * ``xdev_frac``: the same per non-padding token;
 * ``xdev_slots``: token slots sent to another device by a dispatcher that ships one row
-  per slot (moe_plugin/parallel does): K rows per travelling token for SAM, all to one
+  per slot (moe_plugin/dispatch/expert_parallel.py does): K rows per travelling token for SAM, all to one
   device, so one exchange; a dispatcher sending each token once per device would send
   ``xdev_tokens`` rows;
 * ``topk_xdev_frac``: what plain (non-hierarchical) top-K routing of the same

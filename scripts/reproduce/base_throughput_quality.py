@@ -7,7 +7,7 @@ budget (the same number of updates of the same batch; the report also interpolat
 curve at the wall time of the fastest run, the paper's "equal GPU time"). Then the
 routing analysis of BASE paper Table 1: each BASE expert's most frequent tokens and
 previous tokens, load entropy per layer, and how much the routing moved between the
-middle and the end of training (``python -m moe_plugin.analysis``).
+middle and the end of training (``python -m moe_plugin.tools.analysis``).
 
 Scales: ``paper`` = the paper's model (d=2048, 24 layers, 16 heads, FFN 8192; BASE
 experts of 10 sublayers, 128 experts, one per GPU) on 128 GPUs (16 nodes x 8, Slurm),
@@ -23,7 +23,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from moe_plugin import reproduce as R  # noqa: E402
+from moe_plugin.experiments import runner as R  # noqa: E402
 
 SCRIPT = "base_throughput_quality"
 
@@ -77,12 +77,12 @@ def build_plan(scale, args):
     plan = R.Plan(SCRIPT, scale, "BASE layers: training throughput and quality at equal budget (Lewis et al. 2021, "
                   "Table 2)", runs, datasets, hp, launcher, device="cpu" if scale == "tiny" else "gpu", out=args.out)
     out = args.out
-    if scale != "paper":  # per-rank expert shards at paper scale: reshard first (moe_plugin.reshard)
+    if scale != "paper":  # per-rank expert shards at paper scale: reshard first (moe_plugin.tools.reshard)
         data_bin = datasets[dataset].data_bin
         mid = f"checkpoint_*_{hp['save_every']}.pt"
         for name in ("base", "switch"):
             ckpt_dir = os.path.join(out, name, "checkpoints")
-            cmd = ["python", "-m", "moe_plugin.analysis", os.path.join(ckpt_dir, "checkpoint_last.pt"),
+            cmd = ["python", "-m", "moe_plugin.tools.analysis", os.path.join(ckpt_dir, "checkpoint_last.pt"),
                    "--data", data_bin, "--split", "valid", "--compare", os.path.join(ckpt_dir, mid),
                    "--out", os.path.join(out, f"analysis_{name}")]
             if scale == "tiny":

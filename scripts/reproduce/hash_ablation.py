@@ -16,7 +16,7 @@ Scales: ``paper`` = d=1024, 11 layers, 16 heads, FFN 4096, E 64 / 128, 32 GPUs (
 that form; the paper notes Hash lost to Switch on WikiText-103's 267K vocabulary);
 ``mini`` = one GPU, d=512, 6 layers, E 16 / 32, WikiText-103; ``tiny`` = CPU, d=64,
 4 layers, E 8 / 16, the synthetic corpus. Paper numbers (unverified transcription):
-moe_plugin/report.py. Differences: docs/reproduction.md.
+moe_plugin/tools/report.py. Differences: docs/reproduction.md.
 """
 
 import os
@@ -24,7 +24,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from moe_plugin import reproduce as R  # noqa: E402
+from moe_plugin.experiments import runner as R  # noqa: E402
 
 SCRIPT = "hash_ablation"
 HASH_TYPES = ("balanced", "random", "clustered", "dispersed", "position", "bigram", "previous", "oracle")

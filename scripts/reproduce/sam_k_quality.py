@@ -25,7 +25,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from moe_plugin import reproduce as R  # noqa: E402
+from moe_plugin.experiments import runner as R  # noqa: E402
 
 SCRIPT = "sam_k_quality"
 SIZES = {

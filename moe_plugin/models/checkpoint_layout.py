@@ -11,7 +11,7 @@ extra-state hook), written by :func:`model_layout`::
      "params": [[name, requires_grad], ...],   # model.named_parameters() order
      "checksums": {name: int, ...}}            # every parameter and persistent buffer
 
-``params`` lets ``python -m moe_plugin.reshard`` map optimizer state (indexed by the
+``params`` lets ``python -m moe_plugin.tools.reshard`` map optimizer state (indexed by the
 position of each trainable parameter) to names without building the model.
 
 ``checksums`` (the sum of each tensor's bit pattern read as integers, mod 2^64: exact and
@@ -34,7 +34,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from moe_plugin.parallel.dispatcher import FRESH, is_expert_parallel
+from moe_plugin.dispatch.expert_parallel import FRESH, is_expert_parallel
 
 FORMAT = 1
 EXTRA_STATE_KEY = "_extra_state"
@@ -148,7 +148,7 @@ def describe_placement(first: int, stop: int, num_experts: int, world: int, rank
 
 def reshard_command(world_size: int) -> str:
     return (
-        f"python -m moe_plugin.reshard --input CHECKPOINT --world-size {world_size} --output OUT_DIR "
+        f"python -m moe_plugin.tools.reshard --input CHECKPOINT --world-size {world_size} --output OUT_DIR "
         "(CHECKPOINT: the checkpoint you loaded, any one of its -rank-N files; then load "
         + ("OUT_DIR/checkpoint_last.pt" if world_size == 1 else "OUT_DIR/checkpoint_last-rank-N.pt on rank N")
         + ")"
@@ -245,7 +245,7 @@ def verify_checksums(state_dict: dict, layout: dict, prefix: str = "") -> None:
         if torch.is_tensor(t) and tensor_checksum(t) != expected:
             raise CheckpointCorruptError(
                 f"checkpoint tensor {name} is corrupt (its bytes differ from the checksum recorded when "
-                "it was saved); resume from an older checkpoint: python -m moe_plugin.reshard --check "
+                "it was saved); resume from an older checkpoint: python -m moe_plugin.tools.reshard --check "
                 "SAVE_DIR lists the good ones"
             )
 

@@ -18,7 +18,7 @@ fix; :func:`checkpoint_sets` / :func:`choose_resume` group per-rank files into s
 the newest complete set whose shards agree on the update count, skipping broken ones
 (the launchers in scripts/ call it before every start, so a killed run resumes from the
 last good state); :func:`atomic_save` (tmp file, fsync, rename, fsync of the directory)
-for the files ``python -m moe_plugin.reshard`` writes.
+for the files ``python -m moe_plugin.tools.reshard`` writes.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def split_name(path: str):
 def load_verified(path: str) -> dict:
     """torch.load a checkpoint after checking the file; CheckpointError with a clear message."""
     fix = (
-        "resume from an older checkpoint (python -m moe_plugin.reshard --check "
+        "resume from an older checkpoint (python -m moe_plugin.tools.reshard --check "
         f"{os.path.dirname(path) or '.'} lists the good ones; pass one with --restore-file) "
         "or start again"
     )
@@ -94,7 +94,7 @@ def load_verified(path: str) -> dict:
         raise CheckpointError(f"{path}: not a fairseq checkpoint (no 'model' entry)")
     layout = layout_of(state)
     if isinstance(layout, dict):
-        from moe_plugin.parallel.layout import CheckpointCorruptError, verify_checksums
+        from moe_plugin.models.checkpoint_layout import CheckpointCorruptError, verify_checksums
 
         try:
             verify_checksums(state["model"], layout)
@@ -198,7 +198,7 @@ def choose_resume(save_dir: str, world_size: int) -> Optional[CheckpointSet]:
         if s.world_size != world_size and s.world_size > 1:
             raise CheckpointError(
                 f"the newest good checkpoint {s.stem} (update {s.num_updates}) holds experts for "
-                f"{s.world_size} workers, this run has {world_size}: python -m moe_plugin.reshard "
+                f"{s.world_size} workers, this run has {world_size}: python -m moe_plugin.tools.reshard "
                 f"--input {s.restore_file(save_dir)} --world-size {world_size} --output NEW_DIR, then "
                 "restore from NEW_DIR"
             )

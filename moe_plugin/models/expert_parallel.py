@@ -27,7 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 
-from moe_plugin.parallel.all_to_all import world_size
+from moe_plugin.dispatch.all_to_all import world_size
 
 #: fairseq --ddp-backend values whose gradient reduction skips ``param.expert``
 EXPERT_AWARE_DDP = ("legacy_ddp", "no_c10d")

@@ -3,7 +3,7 @@
 Shape legend: N routed (non-padding) tokens of the split, K expert slots per token,
 E experts of a layer, V vocabulary size.
 
-``python -m moe_plugin.analysis CKPT --data DATA_BIN [--split valid] [--compare CKPT2] --out DIR``
+``python -m moe_plugin.tools.analysis CKPT --data DATA_BIN [--split valid] [--compare CKPT2] --out DIR``
 
 1. **Dump**: runs the model (evaluation mode, as fairseq-eval-lm routes) over the split
    and records, for every MoE layer, each token's id, its previous token's id and its
@@ -296,7 +296,7 @@ def resolve_one(pattern: str) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m moe_plugin.analysis", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m moe_plugin.tools.analysis", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint")
     p.add_argument("--data", required=True, help="the fairseq data-bin (dictionary and split)")

@@ -1,8 +1,8 @@
 """Reshard expert-parallel checkpoints: N per-rank shards -> M (merge M < N, split M > N).
 
-    python -m moe_plugin.reshard --input SAVE_DIR/checkpoint_last.pt --world-size M --output OUT_DIR
-    python -m moe_plugin.reshard --check SAVE_DIR            # integrity of every checkpoint
-    python -m moe_plugin.reshard --resume SAVE_DIR --world-size W   # what a restart should load
+    python -m moe_plugin.tools.reshard --input SAVE_DIR/checkpoint_last.pt --world-size M --output OUT_DIR
+    python -m moe_plugin.tools.reshard --check SAVE_DIR            # integrity of every checkpoint
+    python -m moe_plugin.tools.reshard --resume SAVE_DIR --world-size W   # what a restart should load
 
 ``--input`` names a checkpoint: a plain file (one process, or local mode), any one file of
 a per-rank set (``NAME-rank-R.pt``), or ``NAME.pt`` when only ``NAME-rank-*.pt`` exist.
@@ -46,7 +46,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from moe_plugin.parallel.checkpoints import (
+from moe_plugin.tools.checkpoints import (
     CheckpointError,
     atomic_save,
     checkpoint_sets,
@@ -55,7 +55,7 @@ from moe_plugin.parallel.checkpoints import (
     num_updates,
     split_name,
 )
-from moe_plugin.parallel.layout import EXTRA_STATE_KEY, FORMAT, checksums
+from moe_plugin.models.checkpoint_layout import EXTRA_STATE_KEY, FORMAT, checksums
 
 
 class ReshardError(ValueError):
@@ -109,7 +109,7 @@ def load_shards(paths: List[str]) -> List[dict]:
     if len(set(updates)) > 1:
         raise ReshardError(
             f"the shards come from different updates {updates} (the run died between two ranks' "
-            "writes); reshard an older complete checkpoint (python -m moe_plugin.reshard --check DIR)"
+            "writes); reshard an older complete checkpoint (python -m moe_plugin.tools.reshard --check DIR)"
         )
     return states
 
@@ -405,7 +405,7 @@ def check(path: str, log=print) -> bool:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m moe_plugin.reshard", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m moe_plugin.tools.reshard", description=__doc__.split("\n\n")[0])
     what = ap.add_mutually_exclusive_group(required=True)
     what.add_argument("--input", help="checkpoint to reshard (NAME.pt, or any NAME-rank-R.pt of a set)")
     what.add_argument("--check", metavar="PATH", help="verify a checkpoint file/set or every checkpoint in a directory")

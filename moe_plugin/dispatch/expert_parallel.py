@@ -54,9 +54,9 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from moe_plugin.dispatch import DispatchPlan, LocalDispatcher
-from moe_plugin.parallel.all_to_all import all_to_all, exchange_counts, exchange_rows
-from moe_plugin.parallel.all_to_all import rank as dist_rank, world_size as dist_world_size
+from moe_plugin.dispatch.local import DispatchPlan, LocalDispatcher
+from moe_plugin.dispatch.all_to_all import all_to_all, exchange_counts, exchange_rows
+from moe_plugin.dispatch.all_to_all import rank as dist_rank, world_size as dist_world_size
 
 #: the resume stamp of a layer built from scratch (no checkpoint loaded)
 FRESH = -1
@@ -157,7 +157,7 @@ class ExpertParallelDispatcher:
                 "expert-parallel ranks hold state from different checkpoints (last update index "
                 f"per rank, -1 = none loaded: {stamps_W}); the run probably died while some "
                 "ranks had written their shard and others had not. Resume every rank from one "
-                "complete set: `python -m moe_plugin.reshard --check SAVE_DIR` names the newest "
+                "complete set: `python -m moe_plugin.tools.reshard --check SAVE_DIR` names the newest "
                 "one (pass it with --restore-file), or use scripts/launch_cpu.sh, which does this."
             )
 

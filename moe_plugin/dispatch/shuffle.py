@@ -49,8 +49,8 @@ from typing import Callable, List, Optional
 
 import torch
 
-from moe_plugin.parallel.all_to_all import all_to_all, exchange_counts, exchange_rows
-from moe_plugin.parallel.all_to_all import rank as dist_rank, world_size as dist_world_size
+from moe_plugin.dispatch.all_to_all import all_to_all, exchange_counts, exchange_rows
+from moe_plugin.dispatch.all_to_all import rank as dist_rank, world_size as dist_world_size
 from moe_plugin.routing.interface import TokenInfo
 
 

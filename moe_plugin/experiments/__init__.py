@@ -1,0 +1,1 @@
+"""Experiments: the paper tables, their plans at each scale, the runner (``runner``)."""
