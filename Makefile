@@ -15,7 +15,7 @@ RUNTIME_DEPS := hydra-core==1.3.2 omegaconf==2.3.0 fairscale==0.4.13 sacrebleu b
 TEST_DEPS := pytest hypothesis
 DEMO_ARGS ?=
 
-.PHONY: install demo test test-all bench clean-demo
+.PHONY: install demo test test-all bench clean-demo configs
 
 install: $(STAMP)
 
@@ -52,3 +52,8 @@ bench: install
 	@mkdir -p results/bench
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) scripts/bench.py --suite layer,assignment,e2e \
 		--jsonl results/bench/bench.jsonl --markdown results/bench/summary.md
+
+# The hydra configs of every experiment's training runs (configs/<scale>/*.yaml, checked against
+# the fairseq-train commands); the experiments themselves: bash scripts/reproduce/<experiment>.sh
+configs: install
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m moe_plugin.experiments.runner configs

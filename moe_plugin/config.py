@@ -1,10 +1,13 @@
 """MoE configuration: one dataclass for the core, and the one adapter from fairseq's cfg.
 
-The core (routers, experts, dispatch, the MoE layer) reads only :class:`MoEConfig`. Each
+The core (routers, experts, dispatch, the MoE layer) reads only ``MoEConfig``. Each
 router may declare its own option dataclass (``register_router(..., options=...)``); the
 full config is the core options plus every registered router's, so a new router brings
-its command-line options with it. fairseq sees the same fields through the model's
-config dataclass (``moe_plugin/models``), so every field is also a ``--flag``.
+its command-line options with it. The class is built from the registry when it is asked
+for (:func:`moe_config_class`; ``moe_plugin.config.MoEConfig`` is the same, current class),
+so a router registered after import, from outside the package, joins it. fairseq sees the
+same fields through the model's config dataclass (``moe_plugin/models``), so every field
+is also a ``--flag``.
 """
 
 
@@ -18,8 +21,10 @@ from moe_plugin.routing import ROUTER_REGISTRY, ROUTER_OPTIONS
 
 @dataclass
 class MoECoreOptions:
-    moe_router: str = field(
-        default="switch", metadata={"help": "routing scheme of the MoE layers (set by --arch)"}
+    moe_router: Optional[str] = field(
+        default=None,
+        metadata={"help": "routing scheme of the MoE layers; set by --arch (every arch names its router), "
+                  "required with --arch moe_lm / model._name: moe_lm"},
     )
     moe_expert_count: int = field(default=8, metadata={"help": "experts per MoE layer"})
     moe_top_k: int = field(default=1, metadata={"help": "experts activated per token"})
@@ -89,29 +94,44 @@ def _gating_use_fp32(cfg) -> bool:
 MoECoreOptions.moe_gating_use_fp32 = property(_gating_use_fp32)
 
 
-def _combined_config_class():
-    bases = tuple(ROUTER_OPTIONS[name] for name in sorted(ROUTER_OPTIONS)) + (MoECoreOptions,)
-    return dataclasses.make_dataclass("MoEConfig", [], bases=bases)
+_CONFIG_CLASSES: dict = {}
 
 
-#: the dense baseline arch: moe_lm without MoE layers, with the MoE archs' defaults
-#: (registered by moe_plugin/models/moe_lm.py; compare MoE archs against it, not transformer_lm)
-DENSE_ARCH = "dense_lm"
+def moe_config_class() -> type:
+    """``MoEConfig``: the core options plus the options of every router registered so far.
 
-MoEConfig = _combined_config_class()
-MoEConfig.__doc__ = "Core MoE options plus every registered router's options."
-MOE_FIELDS = tuple(f.name for f in dataclasses.fields(MoEConfig))
+    Rebuilt (once) when a router with options registers after the last call, so a router
+    from outside the package (``register_router`` in a ``--user-dir``) joins it."""
+    key = tuple((name, ROUTER_OPTIONS[name]) for name in sorted(ROUTER_OPTIONS))
+    cls = _CONFIG_CLASSES.get(key)
+    if cls is None:
+        bases = tuple(options for _, options in key) + (MoECoreOptions,)
+        cls = dataclasses.make_dataclass("MoEConfig", [], bases=bases)
+        cls.__doc__ = "Core MoE options plus every registered router's options."
+        cls.__module__ = __name__
+        _CONFIG_CLASSES[key] = cls
+    return cls
+
+
+def __getattr__(name: str):
+    # ``MoEConfig`` / ``MOE_FIELDS`` are always the current class and its field names
+    if name == "MoEConfig":
+        return moe_config_class()
+    if name == "MOE_FIELDS":
+        return tuple(f.name for f in dataclasses.fields(moe_config_class()))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def from_fairseq(args: Any):
     """The one adapter: fairseq's Namespace / DictConfig -> MoEConfig (missing -> defaults)."""
+    cls = moe_config_class()
     kwargs = {}
-    for f in dataclasses.fields(MoEConfig):
+    for f in dataclasses.fields(cls):
         if hasattr(args, f.name):
             value = getattr(args, f.name)
             if value is not None or f.default is None:
                 kwargs[f.name] = value
-    return MoEConfig(**kwargs)
+    return cls(**kwargs)
 
 
 def parse_moe_layers(cfg, num_layers: int) -> List[int]:
@@ -144,7 +164,15 @@ def parse_moe_layers(cfg, num_layers: int) -> List[int]:
 
 def validate(cfg, num_layers: Optional[int] = None) -> None:
     """Check every core option and the router's own; raise one ValueError naming the option."""
-    if cfg.moe_router not in ROUTER_REGISTRY:
+    # no router is needed where nothing is routed (the dense baseline; BASE layers name their own)
+    unrouted = cfg.moe_router is None and num_layers is not None and not parse_moe_layers(cfg, num_layers)
+    if cfg.moe_router is None and not unrouted:
+        raise ValueError(
+            "--moe-router: unset; the model moe_lm (--arch moe_lm, hydra model._name: moe_lm) names no "
+            f"router; allowed: {', '.join(sorted(ROUTER_REGISTRY))}, or an arch that names its router "
+            "(model._name: switch_lm, ...)"
+        )
+    if cfg.moe_router not in ROUTER_REGISTRY and not unrouted:
         raise ValueError(
             f"--moe-router: unknown router {cfg.moe_router!r}; allowed: {', '.join(sorted(ROUTER_REGISTRY))}"
         )
@@ -163,4 +191,5 @@ def validate(cfg, num_layers: Optional[int] = None) -> None:
         raise ValueError(f"--moe-expert-ffn-dim: {cfg.moe_expert_ffn_dim} is not allowed; it must be >= 0")
     if num_layers is not None:
         parse_moe_layers(cfg, num_layers)
-    ROUTER_REGISTRY[cfg.moe_router].validate(cfg)
+    if not unrouted:
+        ROUTER_REGISTRY[cfg.moe_router].validate(cfg)

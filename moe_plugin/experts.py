@@ -22,13 +22,29 @@ Implementations (``impl``):
   ``torch._grouped_mm`` needs): composed with autograd; nothing leaves the device (no host
   sync). Elsewhere on a GPU the default is ``fused`` (one host read of the counts).
 * ``bmm`` (the fallback for unaligned shapes): every group padded to the largest, one
-  ``bmm``; ``loop`` (the slow obvious reference of the tests).
+  ``bmm``. (The slow obvious per-expert loops the banks are tested against live in tests/.)
+
+Variants (:data:`EXPERT_VARIANTS`, chosen by the router's declared ``expert_variant``):
+``"ffn"`` :class:`ExpertBank` (one whole expert FFN per routed slot) and ``"segmented"``
+:class:`SegmentedExpertBank` (MultiHash: column i of the router's ids picks the expert of
+segment i of the hidden units). BASE's layer builds :class:`BaseSublayerBank` (residual
+pre-LayerNorm sublayers per expert) itself.
+
+Initialisation and placement: a bank holds the ``num_experts`` experts with global ids
+``first_expert .. first_expert + num_experts - 1`` (all E of a layer, or a rank's E/W in
+expert-parallel mode: only those are allocated). Expert e is initialised from its own CPU
+``torch.Generator`` seeded from (the layer's ``seed``, e) (:func:`expert_generator`), so
+it gets the same initial values whatever the world size and whichever rank holds it: a
+rank's bank equals the slice of a one-process bank with the same seed. The bank draws
+nothing from the global RNG, except one base seed when it is given none
+(:func:`draw_seed`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn as nn
@@ -45,7 +61,25 @@ ACTIVATIONS = {
     "linear": lambda x: x,
     "swish": F_.silu,
 }
-BANK_IMPLS = ("auto", "fused", "grouped_mm", "bmm", "loop")
+BANK_IMPLS = ("auto", "fused", "grouped_mm", "bmm")
+
+
+def mix_seed(*parts) -> int:
+    """A 60-bit seed from any ints/strings, mixed with SHA-256 (nearby inputs -> unrelated seeds)."""
+    key = "/".join(str(int(p)) if not isinstance(p, str) else p for p in parts)
+    return int(hashlib.sha256(key.encode()).hexdigest()[:15], 16)
+
+
+def expert_generator(seed: int, expert: int) -> torch.Generator:
+    """The CPU generator that initialises global expert ``expert`` of a layer seeded ``seed``."""
+    g = torch.Generator(device="cpu")
+    g.manual_seed(mix_seed("moe_plugin.experts", seed, expert))
+    return g
+
+
+def draw_seed() -> int:
+    """One base seed drawn from the global RNG (so fairseq's --seed still determines it)."""
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64))
 
 
 def expert_of_rows(counts_E: torch.Tensor, num_rows: int) -> torch.Tensor:
@@ -129,9 +163,9 @@ def grouped_matmul(x_ND: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.Tens
     """Rows ``x_ND`` sorted by group (``counts_E`` rows each) times that group's matrix.
 
     Rows past ``counts_E.sum()`` give zero rows and receive no gradient. impl:
-    ``grouped_mm`` (torch._grouped_mm), ``bmm`` (pad each group to the largest, one batched
-    matmul) or ``loop`` (the slow obvious reference); ``auto`` picks grouped_mm where the
-    strides allow it (16-byte aligned, e.g. D and F multiples of 4 in fp32), else bmm.
+    ``grouped_mm`` (torch._grouped_mm) or ``bmm`` (pad each group to the largest, one
+    batched matmul); ``auto`` picks grouped_mm where the strides allow it (16-byte aligned,
+    e.g. D and F multiples of 4 in fp32), else bmm.
     """
     if impl in ("auto", "fused"):  # "fused" is the bank's whole-FFN path: a lone matmul takes auto's
         impl = "grouped_mm" if _grouped_mm_applies(x_ND, w_EDF.shape[2]) else "bmm"
@@ -145,20 +179,17 @@ def grouped_matmul(x_ND: torch.Tensor, w_EDF: torch.Tensor, counts_E: torch.Tens
         tail_N = torch.arange(N, device=x_ND.device) >= offs_E[-1]
         y = torch._grouped_mm(_ZeroRowsGrad.apply(x_ND, tail_N), w_EDF, offs=offs_E)
         return _ContiguousGrad.apply(y.masked_fill(tail_N.unsqueeze(1), 0))
-    if impl not in ("loop", "bmm"):
-        raise ValueError(f"grouped_matmul: unknown impl {impl!r}; allowed: auto, grouped_mm, bmm, loop")
+    if impl != "bmm":
+        raise ValueError(f"grouped_matmul: unknown impl {impl!r}; allowed: auto, grouped_mm, bmm")
     sizes = counts_E.tolist()
     n = sum(sizes)
-    if impl == "loop":
-        parts = [c @ w_EDF[e] for e, c in enumerate(torch.split(x_ND[:n], sizes))]
-    else:
-        E = w_EDF.shape[0]
-        C = max(sizes) if n > 0 else 0
-        group_n = expert_of_rows(counts_E, n)
-        slot_n = torch.arange(n, device=x_ND.device) - (counts_E.cumsum(0) - counts_E)[group_n]
-        padded_ECD = x_ND.new_zeros(E, C, x_ND.shape[1])
-        padded_ECD[group_n, slot_n] = x_ND[:n]
-        parts = [torch.bmm(padded_ECD, w_EDF)[group_n, slot_n]]
+    E = w_EDF.shape[0]
+    C = max(sizes) if n > 0 else 0
+    group_n = expert_of_rows(counts_E, n)
+    slot_n = torch.arange(n, device=x_ND.device) - (counts_E.cumsum(0) - counts_E)[group_n]
+    padded_ECD = x_ND.new_zeros(E, C, x_ND.shape[1])
+    padded_ECD[group_n, slot_n] = x_ND[:n]
+    parts = [torch.bmm(padded_ECD, w_EDF)[group_n, slot_n]]
     if n < N:
         parts.append(x_ND.new_zeros(N - n, w_EDF.shape[2]))
     return torch.cat(parts, dim=0)
@@ -256,9 +287,15 @@ class _FusedExpertFFN(torch.autograd.Function):
 class ExpertBank(nn.Module):
     """E two-layer FFNs ``fc2(dropout(act(fc1(x))))`` with batched weights.
 
-    Each expert is initialised like fairseq's ``nn.Linear`` FFN (kaiming-uniform weights,
-    uniform biases), so one expert is distributed exactly as the dense FFN it replaces.
+    Holds ``num_experts`` experts, global ids ``first_expert ..`` (module docstring: only
+    they are allocated). Each expert is initialised like fairseq's ``nn.Linear`` FFN
+    (kaiming-uniform weights, uniform biases), so one expert is distributed exactly as the
+    dense FFN it replaces, from its own generator (:func:`expert_generator` of ``seed``
+    and its global id; ``seed=None`` draws one from the global RNG).
     """
+
+    #: the ``Router.expert_variant`` this bank serves
+    variant = "ffn"
 
     def __init__(
         self,
@@ -268,6 +305,9 @@ class ExpertBank(nn.Module):
         activation: str = "relu",
         activation_dropout: float = 0.0,
         impl: str = "auto",
+        *,
+        first_expert: int = 0,
+        seed: Optional[int] = None,
     ):
         super().__init__()
         if activation not in ACTIVATIONS:
@@ -276,6 +316,8 @@ class ExpertBank(nn.Module):
             raise ValueError(f"expert bank impl: {impl!r} is not known; allowed: {', '.join(BANK_IMPLS)}")
         E, D, F = num_experts, model_dim, ffn_dim
         self.num_experts, self.model_dim, self.ffn_dim = E, D, F
+        self.first_expert = int(first_expert)
+        self.seed = draw_seed() if seed is None else int(seed)
         self.w1_EDF = nn.Parameter(torch.empty(E, D, F))
         self.b1_EF = nn.Parameter(torch.empty(E, F))
         self.w2_EFD = nn.Parameter(torch.empty(E, F, D))
@@ -287,11 +329,18 @@ class ExpertBank(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        # nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias
+        """Every held expert from its own generator (the same values on any rank, any W)."""
+        for l in range(self.num_experts):
+            self.init_expert(l, expert_generator(self.seed, self.first_expert + l))
+
+    @torch.no_grad()
+    def init_expert(self, l: int, generator: torch.Generator) -> None:
+        """nn.Linear's default for local expert ``l``: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for
+        fc1's weight and bias, then fc2's, drawn from ``generator`` in that order."""
         for w, b, fan_in in ((self.w1_EDF, self.b1_EF, self.model_dim), (self.w2_EFD, self.b2_ED, self.ffn_dim)):
             bound = 1.0 / math.sqrt(fan_in)
-            nn.init.uniform_(w, -bound, bound)
-            nn.init.uniform_(b, -bound, bound)
+            w[l].uniform_(-bound, bound, generator=generator)
+            b[l].uniform_(-bound, bound, generator=generator)
 
     def load_dense(self, expert: int, fc1: nn.Linear, fc2: nn.Linear) -> None:
         """Copy a dense FFN (fairseq's fc1/fc2) into expert ``expert`` (used by tests and upcycling)."""
@@ -330,3 +379,152 @@ class ExpertBank(nn.Module):
         y_ND = add_group_bias(grouped_matmul(h_NF, w2, counts_E, impl), b2, expert_N)
         # tail rows got no bias (expert E); grouped_matmul gave them zeros
         return y_ND
+
+
+class SegmentedExpertBank(ExpertBank):
+    """MultiHash's experts (Roller et al. 2021, Sec. 4 "MultiHash layers"): the weights of an
+    :class:`ExpertBank`, computed per segment. With N hash functions, column i of the
+    router's ids ``ids_TN`` picks the expert of segment i; both weight matrices are split
+    along their output dim (F/N columns of W1, D/N columns of W2):
+
+        h_t = act( concat_i [ x_t W1_{k_i(t)}[:, F_i] + b1_{k_i(t)}[F_i] ] )
+        y_t =      concat_i [ h_t W2_{k_i(t)}[:, D_i] + b2_{k_i(t)}[D_i] ]
+
+    Not a per-slot computation (h_t mixes the segments of N experts), so the layer calls
+    :meth:`forward_segments` with the token rows and the dispatcher instead of dispatch ->
+    experts -> combine. Local experts only (``--hash-multi`` > 1 refuses expert parallelism).
+    """
+
+    variant = "segmented"
+
+    def __init__(self, num_experts: int, model_dim: int, ffn_dim: int, activation: str = "relu",
+                 activation_dropout: float = 0.0, impl: str = "auto", *, num_segments: int = 1,
+                 first_expert: int = 0, seed: Optional[int] = None):
+        N = int(num_segments)
+        if N < 1 or model_dim % N or ffn_dim % N:
+            raise ValueError(
+                f"--hash-multi: {N} does not divide both the model dim {model_dim} and the expert FFN dim {ffn_dim}; "
+                "allowed: a common divisor of both"
+            )
+        super().__init__(num_experts, model_dim, ffn_dim, activation, activation_dropout, impl,
+                         first_expert=first_expert, seed=seed)
+        self.num_segments = N
+
+    def forward_segments(self, x_TD: torch.Tensor, ids_TN: torch.Tensor, dispatcher) -> torch.Tensor:
+        """(T, D) output of the MultiHash equations; rows whose ids are dropped (-1) get zeros."""
+        return segmented_ffn(x_TD, ids_TN, self, dispatcher, self.training)
+
+
+def segmented_ffn(x_TD: torch.Tensor, ids_TN: torch.Tensor, experts: ExpertBank, dispatcher, training: bool) -> torch.Tensor:
+    """The MultiHash equations (:class:`SegmentedExpertBank`) over ``experts``' weights.
+
+    ``ids_TN[:, i]`` is k_i. Per hash function i the tokens are sorted by k_i (the
+    dispatcher's one-slot permutation) and segment i of the chosen experts is applied with
+    one grouped matmul: 2N grouped matmuls of 1/N of an expert each, i.e. one expert FFN per
+    token. N = 1 is the plain expert FFN.
+    """
+    T, D = x_TD.shape
+    N = ids_TN.shape[1]
+    F = experts.ffn_dim
+    sF, sD = F // N, D // N
+    if not bool((ids_TN >= 0).any()):
+        # keep every parameter in the graph (distributed gradient reduction sees them all)
+        return x_TD.new_zeros(T, D) + 0.0 * sum(p.sum() for p in experts.parameters())
+    routes = []
+    h_parts = []
+    for i in range(N):
+        # rows of dropped ids come last (the tail): zero output, no bias (expert E), no gradient
+        x_RD, counts_E, plan = dispatcher.dispatch(x_TD, ids_TN[:, i : i + 1])
+        expert_R = expert_of_rows(counts_E, x_RD.shape[0])
+        fs = slice(i * sF, (i + 1) * sF)
+        h_RS = grouped_matmul(x_RD, experts.w1_EDF[:, :, fs], counts_E, experts.impl)
+        h_RS = add_group_bias(h_RS, experts.b1_EF[:, fs], expert_R)
+        h_parts.append(h_RS.new_zeros(T, sF).index_copy(0, plan.token_N, h_RS))
+        routes.append((plan.token_N, counts_E, expert_R))
+    h_TF = experts.activation(torch.cat(h_parts, dim=1))
+    h_TF = F_.dropout(h_TF, p=experts.activation_dropout, training=training)
+    y_parts = []
+    for i, (token_R, counts_E, expert_R) in enumerate(routes):
+        ds = slice(i * sD, (i + 1) * sD)
+        y_RS = grouped_matmul(h_TF.index_select(0, token_R), experts.w2_EFD[:, :, ds], counts_E, experts.impl)
+        y_RS = add_group_bias(y_RS, experts.b2_ED[:, ds], expert_R)
+        y_parts.append(y_RS.new_zeros(T, sD).index_copy(0, token_R, y_RS))
+    return torch.cat(y_parts, dim=1)
+
+
+class BaseSublayerBank(nn.Module):
+    """BASE's experts (Lewis et al. 2021) with batched weights; expert e maps x to ``f_e(x) - x``.
+
+    f_e = S residual sublayers ``x + W2 act(W1 LN(x))`` (fairseq's ``BaseSublayer``): per
+    sublayer a LayerNorm (``ln_weight_ESD``/``ln_bias_ESD``, eps 1e-5) and an
+    :class:`ExpertBank` FFN computed by grouped matmul over rows sorted by expert. W2 starts
+    at zero, its bias and W1 as ``nn.Linear`` (fairseq zeroes ``ff2.weight`` only).
+    Every parameter has the expert dimension first. Holds experts ``first_expert ..``;
+    sublayer s's FFNs are initialised per expert from seed ``mix_seed(seed, s)`` (module
+    docstring).
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        model_dim: int,
+        ffn_dim: int,
+        num_sublayers: int = 1,
+        activation: str = "relu",
+        impl: str = "auto",
+        *,
+        first_expert: int = 0,
+        seed: Optional[int] = None,
+    ):
+        super().__init__()
+        E, D, S = num_experts, model_dim, num_sublayers
+        self.num_experts, self.model_dim, self.num_sublayers = E, D, S
+        self.first_expert = int(first_expert)
+        self.seed = draw_seed() if seed is None else int(seed)
+        self.ln_weight_ESD = nn.Parameter(torch.ones(E, S, D))
+        self.ln_bias_ESD = nn.Parameter(torch.zeros(E, S, D))
+        self.ffns = nn.ModuleList(
+            [ExpertBank(E, D, ffn_dim, activation=activation, activation_dropout=0.0, impl=impl,
+                        first_expert=first_expert, seed=mix_seed("moe_plugin.base_sublayer", self.seed, s))
+             for s in range(S)]
+        )
+        for bank in self.ffns:
+            with torch.no_grad():
+                bank.w2_EFD.zero_()
+
+    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """x_ND: rows sorted by expert, ``counts_E[e]`` rows for expert e -> f(x) - x, (N, D)."""
+        N, D = x_ND.shape
+        if N == 0:
+            # keep every parameter in the graph (distributed gradient reduction)
+            return x_ND.new_zeros(0, D) + 0.0 * sum(p.sum() for p in self.parameters())
+        # tail rows (dropped slots, sorted last) borrow the last expert's LayerNorm; the
+        # banks give them zero output and zero gradient
+        expert_N = expert_of_rows(counts_E, N).clamp(max=self.num_experts - 1)
+        h_ND = x_ND
+        delta_ND = None
+        for s, bank in enumerate(self.ffns):
+            z_ND = F_.layer_norm(h_ND, (D,), eps=1e-5)
+            ln_w_ND = self.ln_weight_ESD[:, s].index_select(0, expert_N).to(z_ND.dtype)
+            z_ND = torch.addcmul(self.ln_bias_ESD[:, s].index_select(0, expert_N).to(z_ND.dtype), z_ND, ln_w_ND)
+            u_ND = bank(z_ND, counts_E)
+            delta_ND = u_ND if delta_ND is None else delta_ND + u_ND
+            h_ND = x_ND + delta_ND
+        return delta_ND
+
+
+#: Router.expert_variant -> the bank class build_expert_bank builds for it
+EXPERT_VARIANTS: Dict[str, type] = {"ffn": ExpertBank, "segmented": SegmentedExpertBank}
+
+
+def build_expert_bank(variant: str, num_experts: int, model_dim: int, ffn_dim: int, *, activation: str = "relu",
+                      activation_dropout: float = 0.0, first_expert: int = 0, seed: Optional[int] = None,
+                      num_segments: int = 1) -> ExpertBank:
+    """The bank of ``variant`` holding experts ``first_expert .. first_expert + num_experts - 1``."""
+    if variant not in EXPERT_VARIANTS:
+        raise ValueError(f"expert variant {variant!r} (declared by the router) is not known; "
+                         f"allowed: {', '.join(EXPERT_VARIANTS)}")
+    extra = {"num_segments": num_segments} if variant == "segmented" else {}
+    return EXPERT_VARIANTS[variant](num_experts, model_dim, ffn_dim, activation=activation,
+                                    activation_dropout=activation_dropout, first_expert=first_expert, seed=seed,
+                                    **extra)

@@ -6,6 +6,16 @@ It replaces a Transformer FFN block's ``fc2(act(fc1(x)))``; the residual connect
 LayerNorm around it stay the decoder layer's. After each forward it keeps the router's
 aux losses (``last_aux_losses``, differentiable, unweighted) and detached routing stats
 (``last_stats``) for the criterion to collect; nothing lives in globals.
+
+Composition happens once, at build time (:func:`build_moe_layer`): the router declares the
+expert bank its output needs (``Router.expert_variant``: ``"ffn"``, or MultiHash's
+``"segmented"``, :mod:`moe_plugin.experts`), the placement (:class:`ExpertPlacement`: all
+experts here, or this rank's E/W in expert-parallel mode) decides which experts the bank
+allocates and which dispatcher moves the tokens. No layer is rebuilt or sliced later.
+
+The routers' ``expert_norm`` (``--hash-expert-norm``): ``y = LN(x + experts(x))`` with one
+LayerNorm shared by the layer's experts (ParlAI's ``HashLayerFFN``), zero for tokens with
+no expert; the decoder layer's own residual and LayerNorm then follow as usual.
 """
 
 from __future__ import annotations
@@ -17,8 +27,8 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
-from moe_plugin.dispatch import LocalDispatcher
-from moe_plugin.experts import ExpertBank
+from moe_plugin.dispatch import ExpertPlacement, LocalDispatcher
+from moe_plugin.experts import SegmentedExpertBank, build_expert_bank, draw_seed, mix_seed
 from moe_plugin.routing import Router, TokenInfo, VocabInfo, build_router
 
 
@@ -42,11 +52,16 @@ class RoutingTape:
 
 
 class MoELayer(nn.Module):
+    """router -> dispatch -> experts -> combine (module docstring); ``dispatcher`` defaults to
+    the local one (every expert here)."""
+
     def __init__(self, router: Router, experts: nn.Module, dispatcher=None):
         super().__init__()
         self.router = router
         self.experts = experts
         self.dispatcher = dispatcher if dispatcher is not None else LocalDispatcher(router.num_experts)
+        # --hash-expert-norm (module docstring): registered after the experts, as before
+        self.expert_norm = nn.LayerNorm(router.model_dim) if getattr(router, "expert_norm", False) else None
         # set by the decoder: returns the TokenInfo of the current forward (or None)
         self.token_source: Optional[Callable[[], Optional[TokenInfo]]] = None
         self.last_aux_losses: Dict[str, torch.Tensor] = {}
@@ -57,6 +72,12 @@ class MoELayer(nn.Module):
     @property
     def num_experts(self) -> int:
         return self.router.num_experts
+
+    @property
+    def placement(self) -> ExpertPlacement:
+        """Which of the layer's experts this process holds (the dispatcher's)."""
+        placement = getattr(self.dispatcher, "placement", None)
+        return placement if placement is not None else ExpertPlacement(self.num_experts)
 
     @contextlib.contextmanager
     def recording(self, tape: RoutingTape):
@@ -94,6 +115,16 @@ class MoELayer(nn.Module):
         y_TD = self.compute(x_TD, route)
         self.last_aux_losses = route.aux_losses
         stats = dict(route.stats)
+        devices = getattr(self.router, "simulated_devices", None)
+        if devices is not None:
+            # cross-device traffic (SAM): the dispatcher's figures, since it knows the devices
+            valid_T = (
+                ~tokens.pad_mask_T if tokens is not None
+                else torch.ones(x_TD.shape[0], dtype=torch.bool, device=x_TD.device)
+            )
+            stats.update(self.dispatcher.traffic_stats(
+                route.expert_ids_TK, valid_T, simulated_devices=devices, plain_ids_TK=route.plain_topk_ids_TK
+            ))
         if tokens is not None:
             stats["num_tokens"] = (~tokens.pad_mask_T).sum().detach()
         else:
@@ -102,10 +133,19 @@ class MoELayer(nn.Module):
         return y_TD.reshape(shape)
 
     def compute(self, x_TD: torch.Tensor, route) -> torch.Tensor:
-        """dispatch -> experts -> combine for one routing decision -> (T, D)."""
-        x_ND, counts_E, plan = self.dispatcher.dispatch(x_TD, route.expert_ids_TK)
-        y_ND = self.experts(x_ND, counts_E)
-        return self.dispatcher.combine(y_ND, route.weights_TK, plan)
+        """dispatch -> experts -> combine for one routing decision -> (T, D) (then the
+        expert norm, if any)."""
+        if isinstance(self.experts, SegmentedExpertBank):
+            # MultiHash: one one-slot dispatch per segment, inside the bank
+            y_TD = self.experts.forward_segments(x_TD, route.expert_ids_TK, self.dispatcher)
+        else:
+            x_ND, counts_E, plan = self.dispatcher.dispatch(x_TD, route.expert_ids_TK)
+            y_ND = self.experts(x_ND, counts_E)
+            y_TD = self.dispatcher.combine(y_ND, route.weights_TK, plan)
+        if self.expert_norm is not None:
+            routed_T1 = route.expert_ids_TK[:, :1] >= 0
+            y_TD = torch.where(routed_T1, self.expert_norm(x_TD + y_TD), torch.zeros_like(y_TD))
+        return y_TD
 
 
 def checkpointed(function: Callable, moe_layers, *args, offload: bool = False, **kwargs):
@@ -139,6 +179,50 @@ def checkpointed(function: Callable, moe_layers, *args, offload: bool = False, *
     return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
 
 
+def layer_seed(cfg, layer_index: Optional[int]) -> int:
+    """The seed of a layer's expert initialisation (:mod:`moe_plugin.experts`).
+
+    ``cfg.moe_seed`` (fairseq's --seed) mixed with the decoder layer index when both are
+    known; otherwise one seed drawn from the global RNG (which fairseq seeds from --seed),
+    the same on every rank of a run.
+    """
+    seed = getattr(cfg, "moe_seed", None)
+    if seed is not None and layer_index is not None:
+        return mix_seed("moe_plugin.layer", int(seed), int(layer_index))
+    return draw_seed()
+
+
+def resolve_placement(cfg, placement: Optional[ExpertPlacement] = None, group=None) -> ExpertPlacement:
+    """``placement`` if given; else, with ``cfg.moe_expert_parallel``, this process's rank of
+    torch.distributed's ``group``; else every expert here."""
+    if placement is not None:
+        if placement.num_experts != cfg.moe_expert_count:
+            raise ValueError(
+                f"--moe-expert-count: {cfg.moe_expert_count} does not match the placement's "
+                f"{placement.num_experts} experts"
+            )
+        return placement
+    if getattr(cfg, "moe_expert_parallel", False):
+        from moe_plugin.dispatch.expert_parallel import group_placement
+
+        return group_placement(cfg.moe_expert_count, group)
+    return ExpertPlacement(cfg.moe_expert_count)
+
+
+def make_dispatcher(experts: nn.Module, placement: ExpertPlacement, group=None):
+    """None (the layer's local dispatcher) for an unsharded placement; else the expert-parallel
+    dispatcher, with the experts' parameters marked (``make_expert_parallel``)."""
+    if not placement.is_sharded:
+        return None
+    if isinstance(experts, SegmentedExpertBank):
+        raise ValueError("expert parallelism: MultiHash's segmented experts (--hash-multi > 1) are local only; "
+                         "allowed: --hash-multi 1 with --moe-expert-parallel")
+    # this rank's E/W experts, all-to-all dispatch (moe_plugin/dispatch/expert_parallel.py)
+    from moe_plugin.dispatch.expert_parallel import make_expert_parallel
+
+    return make_expert_parallel(experts, placement, group)
+
+
 def build_moe_layer(
     cfg,
     model_dim: int,
@@ -148,22 +232,29 @@ def build_moe_layer(
     *,
     vocab: Optional[VocabInfo] = None,
     layer_index: Optional[int] = None,
+    placement: Optional[ExpertPlacement] = None,
+    group=None,
 ) -> MoELayer:
-    """The standard MoE FFN: the configured router over an :class:`ExpertBank`."""
+    """The standard MoE FFN: the configured router over the expert bank it declares.
+
+    Builds only the experts ``placement`` gives this process (default: :func:`resolve_placement`),
+    each initialised from its own generator (:func:`layer_seed`), so rank r of a W-rank build
+    holds exactly the slice ``[r*E/W, (r+1)*E/W)`` of a one-process build of the same seed.
+    The router is built first, from the global RNG as before; the experts draw from it at
+    most one base seed (parameters built after the layer therefore see another global RNG
+    state than when the bank drew every expert from it; the same on every rank and any W).
+    """
+    placement = resolve_placement(cfg, placement, group)
     router = build_router(cfg, model_dim, vocab=vocab, layer_index=layer_index)
-    experts = ExpertBank(
-        cfg.moe_expert_count,
+    experts = build_expert_bank(
+        router.expert_variant,
+        placement.per_rank,
         model_dim,
         cfg.moe_expert_ffn_dim or ffn_dim,
         activation=activation,
         activation_dropout=activation_dropout,
+        first_expert=placement.first,
+        seed=layer_seed(cfg, layer_index),
+        num_segments=router.expert_segments,
     )
-    # a router may need its own expert computation (hash_lm's MultiHash): it returns the layer
-    layer = router.make_layer(experts) if hasattr(router, "make_layer") else None
-    layer = layer if layer is not None else MoELayer(router, experts)
-    if getattr(cfg, "moe_expert_parallel", False):
-        # keep this rank's E/W experts, all-to-all dispatch (moe_plugin/dispatch/expert_parallel.py)
-        from moe_plugin.dispatch.expert_parallel import make_expert_parallel
-
-        make_expert_parallel(layer)
-    return layer
+    return MoELayer(router, experts, make_dispatcher(experts, placement, group))

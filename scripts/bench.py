@@ -25,18 +25,18 @@ import os
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import time
 import warnings
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import torch
+import torch.nn as nn
+
+from moe_plugin.tools import commands
+
+ROOT = commands.ROOT
 warnings.filterwarnings("ignore")
 logging.disable(logging.INFO)
-
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
 
 
 def machine(device: str) -> str:
@@ -102,7 +102,8 @@ def activation_bytes(fn, device, module):
 def layer_suite(args, emit):
     from moe_plugin.config import MoEConfig
     from moe_plugin.moe_layer import build_moe_layer
-    from moe_plugin.routing import ARCHS, ROUTER_REGISTRY, TokenInfo, VocabInfo
+    from moe_plugin.models.archs import ARCHS
+    from moe_plugin.routing import ROUTER_REGISTRY, TokenInfo, VocabInfo
 
     device, dtype = args.device, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     D, F = args.D, args.F
@@ -210,7 +211,7 @@ def assignment_suite(args, emit):
         emit({"suite": "assignment", "skipped": "scripts/bench_assignment.py is not there"})
         return []
     sizes = ["--tokens", ",".join(map(str, args.T)), "--experts", ",".join(map(str, args.E))]
-    out = subprocess.run([sys.executable, path, "--jsonl", *sizes], capture_output=True, text=True, cwd=ROOT)
+    out = commands.run([sys.executable, path, "--jsonl", *sizes], check=False, merge_stderr=False)
     rows = []
     for line in out.stdout.splitlines():
         if line.startswith("{"):
@@ -224,18 +225,15 @@ def assignment_suite(args, emit):
 
 
 def e2e_suite(args, emit):
-    from moe_plugin.config import DENSE_ARCH
-    from moe_plugin.routing import ARCHS, DEMO_ARGS
+    from moe_plugin.models.archs import ARCHS, DEMO_ARGS, DENSE_ARCH
 
     data = os.path.join(ROOT, "data", "bench")
     data_bin = os.path.join(data, "data-bin")
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
     if not os.path.exists(os.path.join(data_bin, "dict.txt")):
-        subprocess.run([sys.executable, "data-prep/synthetic.py", "--out", data, "--train-tokens", "600000"],
-                       check=True, cwd=ROOT, capture_output=True)
-        subprocess.run([sys.executable, "-m", "fairseq_cli.preprocess", "--only-source", "--trainpref",
-                        f"{data}/train.txt", "--validpref", f"{data}/valid.txt", "--destdir", data_bin,
-                        "--workers", "2"], check=True, cwd=ROOT, capture_output=True, env=env)
+        commands.run([sys.executable, "data-prep/synthetic.py", "--out", data, "--train-tokens", "600000"])
+        commands.run([sys.executable, "-m", "fairseq_cli.preprocess", "--only-source", "--trainpref",
+                      f"{data}/train.txt", "--validpref", f"{data}/valid.txt", "--destdir", data_bin,
+                      "--workers", "2"])
     D, F = args.e2e_dim, 4 * args.e2e_dim
     common = [data_bin, "--task", "language_modeling", "--user-dir", os.path.join(ROOT, "moe_plugin"),
               "--criterion", "moe_cross_entropy", "--decoder-layers", "4", "--decoder-embed-dim", str(D),
@@ -255,11 +253,10 @@ def e2e_suite(args, emit):
             k = int(ARCHS[arch][1].get("moe_top_k", 1))
             extra = ["--moe-expert-count", str(args.e2e_experts), "--moe-expert-ffn-dim", str(F // k),
                      *[a.format(max_update=args.e2e_updates) for a in DEMO_ARGS.get(arch, [])]]
-        proc = subprocess.run([sys.executable, "-m", "fairseq_cli.train", *common, "--arch", arch, *extra],
-                              capture_output=True, text=True, cwd=ROOT, env=env)
-        m = re.findall(r"\| train \|.*?\| wps ([\d.]+)", proc.stdout + proc.stderr)
+        proc = commands.run([sys.executable, "-m", "fairseq_cli.train", *common, "--arch", arch, *extra], check=False)
+        m = re.findall(r"\| train \|.*?\| wps ([\d.]+)", proc.stdout)
         if proc.returncode != 0 or not m:
-            emit({"suite": "e2e", "arch": arch, "error": (proc.stdout + proc.stderr)[-400:]})
+            emit({"suite": "e2e", "arch": arch, "error": proc.stdout[-400:]})
             continue
         wps = float(m[-1])
         base_wps = base_wps or (wps if arch == DENSE_ARCH else None)

@@ -33,10 +33,7 @@ import time
 import numpy as np
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from moe_plugin.routing.balanced import solve_balanced  # noqa: E402
+from moe_plugin.routing.balanced import solve_balanced
 
 
 def make_scores(kind, T, E, seed):

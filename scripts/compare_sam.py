@@ -26,7 +26,8 @@ import shutil
 import sys
 import time
 
-from _run import ROOT, sh
+from moe_plugin.tools.commands import ROOT
+from moe_plugin.tools.commands import run as run_command
 
 #: (label, arch, K, extra fairseq-train flags)
 RUNS = [
@@ -48,8 +49,8 @@ HETU_RUN = ("sam_lm K=2 Hetu formulation", "sam_lm", 2, ["--moe-top-k", "2", *HE
 
 
 def run(cmd, log_path):
-    """One command with one thread (sh of scripts/_run.py)."""
-    return sh(cmd, log_path, env={"OMP_NUM_THREADS": "1"})
+    """One command with one thread (moe_plugin.tools.commands.run); returns its output."""
+    return run_command(cmd, log=log_path, env={"OMP_NUM_THREADS": "1"}).stdout
 
 
 def metric(line, name):
@@ -171,14 +172,14 @@ def main(argv=None):
 def layer_bench(args, rounds: int):
     """Median fwd+bwd seconds of one MoE layer per run (same D, E, F/K, T), interleaved
     round-robin in this process so a busy shared machine slows every run alike."""
+    import dataclasses
     import statistics
 
     import torch
 
-    sys.path.insert(0, ROOT)
     from moe_plugin import config
     from moe_plugin.moe_layer import build_moe_layer
-    from tests.helpers import router_cfg
+    from moe_plugin.models.archs import ARCHS
 
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
@@ -187,7 +188,12 @@ def layer_bench(args, rounds: int):
     for label, arch, k, _ in RUNS:
         router = {"switch_lm": "switch", "gshard_lm": "gshard", "sam_lm": "sam"}[arch]
         extra = {"moe_top_k": k, "sam_groups": args.sam_groups} if router == "sam" else {}
-        cfg = router_cfg(router, moe_expert_count=args.experts, moe_expert_ffn_dim=max(args.ffn_dim // k, 1), **extra)
+        # the arch's defaults (as --arch gives them), then this run's sizes
+        known = {f.name for f in dataclasses.fields(config.MoEConfig)}
+        values = {k_: v for k_, v in ARCHS[arch][1].items() if k_ in known}
+        values.update(moe_router=router, moe_expert_count=args.experts, moe_expert_ffn_dim=max(args.ffn_dim // k, 1),
+                      **extra)
+        cfg = config.MoEConfig(**values)
         config.validate(cfg)
         layers[label] = build_moe_layer(cfg, D, args.ffn_dim).train()
     x = torch.randn(T, D, requires_grad=True)

@@ -26,11 +26,25 @@ import sys
 import time
 import warnings
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
+from moe_plugin.tools import commands
 
-from _run import sh  # noqa: E402
+ROOT = commands.ROOT
+
+
+def sh(cmd, log_path=None, echo_prefix=None):
+    """Run a command (moe_plugin.tools.commands.run), echoing fairseq's train/valid progress as
+    ``PREFIX: train update N nll_loss(bits) L`` when ``echo_prefix`` is given; returns its output."""
+
+    def progress(line):
+        if not echo_prefix or not ("| train_inner |" in line or "| valid |" in line):
+            return None
+        m = re.search(r"num_updates[= ](\d+)", line)
+        loss = re.search(r"nll_loss[= ]([\d.]+)", line)
+        kind = "valid" if "| valid |" in line else "train"
+        return (f"{echo_prefix}: {kind} update {m.group(1) if m else '?'} "
+                f"nll_loss(bits) {loss.group(1) if loss else '?'}")
+
+    return commands.run(cmd, log=log_path, echo=progress).stdout
 
 
 def last_match(pattern, text, group=1, cast=float):
@@ -46,8 +60,7 @@ def quiet_imports():
 
 def main(argv=None):
     quiet_imports()
-    from moe_plugin.config import DENSE_ARCH
-    from moe_plugin.routing import ARCHS
+    from moe_plugin.models.archs import ARCHS, DENSE_ARCH
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(ROOT, "results", "demo"))
@@ -124,7 +137,7 @@ def main(argv=None):
 
 def run_arch(arch, args, py, data_bin, common, truth):
     """Train one arch from scratch, evaluate it on valid and test; return its results row."""
-    from moe_plugin.routing import ARCHS, DEMO_ARGS
+    from moe_plugin.models.archs import ARCHS, DEMO_ARGS
 
     t0 = time.time()
     save = os.path.join(args.out, "checkpoints", arch)

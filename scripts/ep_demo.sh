@@ -14,7 +14,7 @@ PYTHON=${PYTHON:-.venv/bin/python}
 export PYTHON OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PYTHONWARNINGS=ignore
 UPDATES=${UPDATES:-50}
 if [[ -z "${ARCH:-}" ]]; then
-    ARCH=$("$PYTHON" -W ignore -c 'from moe_plugin.routing import ARCHS; print("base_lm" if "base_lm" in ARCHS else "switch_lm")' 2> /dev/null)
+    ARCH=$("$PYTHON" -W ignore -c 'from moe_plugin.models.archs import ARCHS; print("base_lm" if "base_lm" in ARCHS else "switch_lm")' 2> /dev/null)
 fi
 mkdir -p "$OUT"
 DATA=$OUT/data-bin

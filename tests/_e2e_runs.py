@@ -6,8 +6,7 @@ fairseq-eval-lm command runs once per session (cached in memory)."""
 import re
 from typing import Dict, List, Tuple
 
-from moe_plugin.config import DENSE_ARCH
-from moe_plugin.routing import ARCHS, DEMO_ARGS
+from moe_plugin.models.archs import ARCHS, DEMO_ARGS, DENSE_ARCH
 from tests.conftest import TINY_MODEL, TINY_TRAIN, USER_DIR, run_cli
 
 #: the dense baseline first, then every registered MoE arch (a new router joins by registering)

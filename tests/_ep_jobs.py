@@ -20,7 +20,7 @@ def worker_results(world_size: int = 2, timeout: int = 300):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     procs = [
         subprocess.Popen(
-            [sys.executable, os.path.join(ROOT, "tests", "_ep_worker.py"), "--rank", str(r),
+            [sys.executable, "-m", "tests._ep_worker", "--rank", str(r),
              "--world-size", str(world_size), "--init", init, "--out", out],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )

@@ -1,6 +1,6 @@
 """One rank of the distributed unit checks (run by tests/_ep_jobs.py, never by pytest itself).
 
-    python tests/_ep_worker.py --rank R --world-size W --init file:///tmp/x --out DIR
+    python -m tests._ep_worker --rank R --world-size W --init file:///tmp/x --out DIR   (from the repository root)
 
 Every rank runs the same sequence of collectives and writes ``DIR/rank{R}.pt``: a dict
 of named results the test modules compare with references computed in the parent
@@ -21,16 +21,12 @@ Jobs:
 
 import argparse
 import os
-import sys
 import traceback
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import torch
+import torch.distributed as dist
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-from tests import ep_cases  # noqa: E402
+from tests import ep_cases
 
 
 def main():

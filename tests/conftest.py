@@ -8,20 +8,18 @@ import sys
 
 import pytest
 
+from moe_plugin.tools import commands
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 USER_DIR = os.path.join(ROOT, "moe_plugin")
 
 
 def run_cli(module: str, *args, timeout: int = 600, check: bool = True, env=None) -> subprocess.CompletedProcess:
-    """``python -m fairseq_cli.<module> args...``; on failure the assertion shows the output tail."""
-    cmd = [sys.executable, "-m", f"fairseq_cli.{module}", *map(str, args)]
-    e = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONWARNINGS="ignore")
-    e.update(env or {})
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=e)
-    if check and proc.returncode != 0:
-        out = (proc.stdout + proc.stderr)[-6000:]
-        raise AssertionError(f"{' '.join(cmd)} failed with {proc.returncode}:\n{out}")
-    return proc
+    """``python -m fairseq_cli.<module> args...`` through the repository's one runner
+    (moe_plugin.tools.commands.run: repo root, one thread, warnings off); stdout and stderr
+    apart; on failure (check) the exception shows the output tail."""
+    return commands.run([sys.executable, "-m", f"fairseq_cli.{module}", *map(str, args)], timeout=timeout,
+                        check=check, env=env, merge_stderr=False)
 
 
 def eval_lm_loss(output: str) -> float:

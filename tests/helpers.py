@@ -4,12 +4,15 @@ import dataclasses
 
 import torch
 
-from moe_plugin.config import MoEConfig
-from moe_plugin.routing import ARCHS, ROUTER_REGISTRY, TokenInfo, VocabInfo
+from moe_plugin import config as moe_config
+from moe_plugin.models.archs import ARCHS
+from moe_plugin.routing import ROUTER_REGISTRY, TokenInfo, VocabInfo
 
 
 def router_cfg(name: str, **overrides):
-    """MoEConfig for router ``name`` with its arch's defaults (as --arch would give)."""
+    """MoEConfig for router ``name`` with its arch's defaults (as --arch would give); the
+    current MoEConfig class, so a router registered at test time has its options."""
+    MoEConfig = moe_config.moe_config_class()
     known = {f.name for f in dataclasses.fields(MoEConfig)}
     values = {"moe_router": name}
     for arch, (router, defaults) in ARCHS.items():

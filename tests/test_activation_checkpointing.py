@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import moe_plugin  # noqa: F401
-from moe_plugin.routing import ARCHS
+from moe_plugin.models.archs import ARCHS
 from moe_plugin.routing import balanced as balanced_mod
 from tests.helpers import lm_sample
 from tests.test_fairseq_integration import build

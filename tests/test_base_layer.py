@@ -11,7 +11,9 @@ from fairseq import options, tasks
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
 import moe_plugin  # noqa: F401
-from moe_plugin.base_layer import BaseLayer, BaseSublayerBank, base_layer_positions
+from moe_plugin.base_layer import BaseLayer
+from moe_plugin.models.base_layers import base_layer_positions
+from moe_plugin.experts import BaseSublayerBank
 from moe_plugin.moe_layer import MoELayer
 from moe_plugin.routing import DROPPED
 from moe_plugin.routing.balanced import BalancedRouter, balanced_assignment
@@ -58,6 +60,21 @@ def reference_layer(layer, x_TD, expert_T):
 # ---------------------------------------------------------------------------- the expert bank
 
 
+def sublayer_bank_loop(bank, x_ND, counts_E):
+    """The slow obvious reference of BaseSublayerBank: a Python loop over experts and sublayers."""
+    out = []
+    n = int(counts_E.sum())
+    for e, x in enumerate(torch.split(x_ND[:n], counts_E.tolist())):
+        h = x
+        for s, ffn in enumerate(bank.ffns):
+            z = F.layer_norm(h, (bank.model_dim,), bank.ln_weight_ESD[e, s], bank.ln_bias_ESD[e, s], eps=1e-5)
+            z = ffn.activation(z @ ffn.w1_EDF[e] + ffn.b1_EF[e])
+            h = h + z @ ffn.w2_EFD[e] + ffn.b2_ED[e]
+        out.append(h - x)
+    out.append(x_ND.new_zeros(x_ND.shape[0] - n, bank.model_dim))  # the tail
+    return torch.cat(out, 0)
+
+
 @pytest.mark.parametrize("S", [1, 2])
 def test_sublayer_bank_vectorised_equals_loop(S):
     torch.manual_seed(0)
@@ -69,7 +86,7 @@ def test_sublayer_bank_vectorised_equals_loop(S):
     x = torch.randn(int(counts_E.sum()), D, requires_grad=True)
     fast = bank(x, counts_E)
     grads_fast = torch.autograd.grad(fast.square().sum(), [x, *bank.parameters()])
-    slow = bank.forward_loop(x, counts_E)
+    slow = sublayer_bank_loop(bank, x, counts_E)
     grads_slow = torch.autograd.grad(slow.square().sum(), [x, *bank.parameters()])
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
     for a, b in zip(grads_fast, grads_slow):
@@ -110,13 +127,17 @@ def test_sublayer_init_matches_fairseqs_base_sublayer():
         assert abs(float(mine.mean())) < 0.1 * float(ref.abs().max())
 
 
-def test_expert_parameters_can_be_sharded_for_expert_parallelism():
-    from moe_plugin.dispatch.expert_parallel import shard_experts
-
-    bank = BaseSublayerBank(4, D, FF, 2)
-    local = shard_experts(bank, 4, 2, 4)
+def test_a_bank_of_some_experts_is_the_slice_of_the_full_bank():
+    """Expert parallelism builds only a rank's experts: a bank of experts 2..3 of 4 holds two
+    experts (every parameter with the expert dimension first) equal to the full bank's slice
+    of the same seed (tests/test_expert_allocation.py checks every arch's layer)."""
+    full = BaseSublayerBank(4, D, FF, 2, seed=11)
+    local = BaseSublayerBank(2, D, FF, 2, first_expert=2, seed=11)
     assert local.num_experts == 2 and local.ln_weight_ESD.shape == (2, 2, D)
     assert all(ffn.w1_EDF.shape[0] == 2 for ffn in local.ffns)
+    full_params = dict(full.named_parameters())
+    for name, p in local.named_parameters():
+        assert torch.equal(p, full_params[name][2:4]), name
 
 
 # ---------------------------------------------------------------------------- the layer
@@ -132,6 +153,9 @@ def test_layer_equals_slow_reference_of_the_formula(S, training):
     tok = token_info(ids)
     layer.moe.token_source = lambda: tok
     x = torch.randn(L, B, D, requires_grad=True)
+    # the router's state before the forward (the warm-start prices): the router is asked
+    # again below from the same state, so it routes as the layer's forward did
+    state0 = {n: b.clone() for n, b in layer.moe.router.named_buffers()}
     y, attn, extra = layer(x)
     assert y.shape == x.shape and attn is None and extra is None
     # the assignment the layer must use, from independent code
@@ -140,6 +164,8 @@ def test_layer_equals_slow_reference_of_the_formula(S, training):
     valid = ~tok.pad_mask_T
     expected = torch.full((B * L,), DROPPED)
     expected[valid] = balanced_assignment(scores[valid]) if training else scores[valid].argmax(1)
+    for n, b in state0.items():
+        setattr(layer.moe.router, n, b)
     out = layer.moe.router(x_TD, tokens=tok)
     assert torch.equal(out.expert_ids_TK[:, 0], expected)
     ref = reference_layer(layer, x.reshape(-1, D), expected).reshape(L, B, D)

@@ -32,8 +32,7 @@ ARCHS = sorted(manifest()["archs"])
 
 def test_every_fixture_arch_is_still_registered():
     """The archs of the older main all still exist (none renamed or dropped), and the fixture is small."""
-    from moe_plugin.config import DENSE_ARCH
-    from moe_plugin.routing import ARCHS as REGISTERED
+    from moe_plugin.models.archs import ARCHS as REGISTERED, DENSE_ARCH
 
     assert set(ARCHS) <= set(REGISTERED) | {DENSE_ARCH}
     assert len(ARCHS) >= 9
@@ -75,7 +74,8 @@ def test_old_checkpoint_gives_the_same_token_log_probs(arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_old_checkpoint_through_fairseq_eval_lm(arch):
     out = run_cli("eval_lm", DATA, "--path", os.path.join(FIXTURE, f"{arch}.pt"), "--user-dir", USER_DIR, "--cpu",
-                  "--gen-subset", "test", "--max-tokens", "256", "--num-workers", "0", "--context-window", "0")
+                  "--gen-subset", "test", "--tokens-per-sample", "16", "--max-tokens", "256", "--num-workers", "0",
+                  "--context-window", "0")
     loss = eval_lm_loss(out.stdout + out.stderr)
     expected = torch.load(os.path.join(FIXTURE, f"{arch}.scores.pt"))
     nll_base2 = -float(torch.cat(list(expected.values())).double().mean()) / float(torch.log(torch.tensor(2.0)))

@@ -3,6 +3,7 @@ scripts end to end on small fake corpora (--local), their checksum check, and th
 when the download is impossible."""
 
 import hashlib
+import importlib.util
 import os
 import random
 import subprocess
@@ -13,10 +14,11 @@ import pytest
 
 from tests.conftest import ROOT
 
-sys.path.insert(0, os.path.join(ROOT, "data-prep"))
-import charlevel  # noqa: E402
-
 DATA_PREP = os.path.join(ROOT, "data-prep")
+# data-prep/ is a folder of scripts, not a package: load charlevel.py from its path
+_spec = importlib.util.spec_from_file_location("charlevel", os.path.join(DATA_PREP, "charlevel.py"))
+charlevel = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(charlevel)
 
 
 def run_script(name, *args, timeout=300):

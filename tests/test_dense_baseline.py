@@ -23,11 +23,14 @@ from fairseq.models import ARCH_MODEL_REGISTRY
 from fairseq.models.transformer_lm import TransformerLanguageModelConfig, base_lm_architecture
 
 from moe_plugin.base_layer import BaseLayer
-from moe_plugin.experiments import runner as R
-from moe_plugin.config import DENSE_ARCH
+from moe_plugin.experiments import EXPERIMENTS
+from moe_plugin.experiments import _hydra as H
+from moe_plugin.experiments import _plan as P
+from moe_plugin.experiments.runner import plan_of
+from moe_plugin.models.archs import DENSE_ARCH
 from moe_plugin.models.moe_lm import MoEDecoderLayer, MoELanguageModel
 from moe_plugin.moe_layer import MoELayer
-from moe_plugin.routing import ARCHS, DEMO_ARGS
+from moe_plugin.models.archs import ARCHS, DEMO_ARGS
 from tests.helpers import lm_sample
 from tests.conftest import ROOT, USER_DIR
 from tests.test_fairseq_integration import build
@@ -256,14 +259,14 @@ def model_part(args):
     return args[start:end]
 
 
-@pytest.mark.parametrize("script", R.SCRIPTS)
+@pytest.mark.parametrize("script", list(EXPERIMENTS))
 def test_reproduction_dense_rows_use_dense_lm(script):
     """Every reproduction compares against dense_lm (never transformer_lm), with its MoE runs'
     model flags; the HyperRouter tables' dense FFN is E x F, the reference's dense baseline."""
-    for scale in R.SCALES:
-        plan = R.plan_of(script, scale)
+    for scale in P.SCALES:
+        plan = plan_of(script, scale)
         dense = [r for r in plan.runs if r.arch == DENSE_ARCH]
-        assert all(r.arch not in R.FAIRSEQ_ARCHS for r in plan.runs)
+        assert all(r.arch not in P.FAIRSEQ_ARCHS for r in plan.runs)
         moe = [r for r in plan.runs if r.arch in ARCHS]
         if not dense:
             continue
@@ -281,9 +284,9 @@ def test_reproduction_dense_rows_use_dense_lm(script):
                 assert flags == mflags, (scale, d.name, r.name)
             # fairseq-train's parser accepts the command (dense_lm refuses MoE flags there), and
             # its hydra config is committed (tests of every arch skip dense_lm: not in ARCHS)
-            ns = options.parse_args_and_arch(options.get_training_parser(), input_args=R.train_args(plan, d))
+            ns = options.parse_args_and_arch(options.get_training_parser(), input_args=P.train_args(plan, d))
             assert ns.arch == DENSE_ARCH and ns.moe_freq == 0
-            assert os.path.exists(os.path.join(ROOT, "configs", scale, R.config_name(plan, d) + ".yaml"))
+            assert os.path.exists(os.path.join(ROOT, "configs", scale, H.config_name(plan, d) + ".yaml"))
 
 
 def test_dense_lm_hydra_config_builds_the_cli_model(tiny_corpus, tmp_path):
@@ -291,15 +294,15 @@ def test_dense_lm_hydra_config_builds_the_cli_model(tiny_corpus, tmp_path):
     command line builds; the committed one is not stale."""
     from tests.test_configs import CONFIGS, assert_same_model, build_from_cli, build_from_yaml, with_data
 
-    plan = R.plan_of("base_throughput_quality", "tiny")
+    plan = plan_of("base_throughput_quality", "tiny")
     run = plan.run_named("dense")
-    args = R.train_args(plan, run)
-    name = R.config_name(plan, run)
-    text = R.yaml_for_command(args)
+    args = P.train_args(plan, run)
+    name = H.config_name(plan, run)
+    text = H.yaml_for_command(args)
     committed = os.path.join(CONFIGS, "tiny", name + ".yaml")
     body = "".join(line for line in open(committed) if not line.startswith("#"))
     assert body == text, f"{committed} is stale: python -m moe_plugin.experiments.runner configs"
-    assert "moe_freq: 0" in text and "_name: dense_lm" in text
+    assert "_name: dense_lm" in text  # its moe_freq 0 is the arch's default (moe_plugin/models/archs.py)
     (tmp_path / f"{name}.yaml").write_text(text)
     data_bin = tiny_corpus[1]
     m_cli, _ = build_from_cli(with_data(args, data_bin))

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from moe_plugin.routing import ARCHS
+from moe_plugin.models.archs import ARCHS
 from tests import _e2e_runs
 from tests.conftest import eval_lm_loss
 

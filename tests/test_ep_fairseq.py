@@ -19,18 +19,21 @@ import signal
 import subprocess
 import sys
 import time
+import unittest.mock
 
 import pytest
 import torch
 
 from fairseq import checkpoint_utils, options
+from omegaconf import OmegaConf
 
 import moe_plugin  # noqa: F401
 from moe_plugin.tools import reshard as reshard_mod
 from moe_plugin.tools import checkpoints as ckpts
 from moe_plugin.models import expert_parallel as fairseq_glue
+from moe_plugin.models.base_layers import base_layer_count
 from moe_plugin.models.checkpoint_layout import CheckpointCorruptError, LayoutMismatchError
-from moe_plugin.routing import ARCHS
+from moe_plugin.models.archs import ARCHS
 from tests.conftest import ROOT, USER_DIR, eval_lm_loss, run_cli
 
 pytestmark = [pytest.mark.distributed, pytest.mark.e2e]
@@ -322,10 +325,17 @@ def test_expert_parallel_args_use_fairseqs_per_rank_checkpoints(tiny_corpus):
           "--fp16", "--fp16-no-flatten-grads")  # allowed: fp32 copies keep param.expert
     args = parse(tiny_corpus[1], "--moe-expert-parallel", "--distributed-world-size", "2", "--ddp-backend", "no_c10d")
     assert args.base_layers == 1  # fairseq: save/load one file per rank
-    assert parse(tiny_corpus[1]).base_layers == 0  # local mode: untouched
-    with fairseq_glue.decoder_base_layers(args):
-        assert args.base_layers == 0  # the decoder builds no extra BASE layer
-    assert args.base_layers == 1
+    assert args.moe_base_layers == 0 and base_layer_count(args) == 0  # the decoder builds no extra BASE layer
+    local = parse(tiny_corpus[1])
+    assert (local.base_layers, local.moe_base_layers) == (0, 0)  # local mode: no per-rank files
+    # a checkpoint's cfg written before moe_base_layers existed: base_layers = N + 1
+    old = OmegaConf.create({"base_layers": 3, "moe_expert_parallel": True})
+    assert base_layer_count(old) == 2
+    # on W > 1 ranks a config that turns fairseq's switch off is refused at build time
+    with unittest.mock.patch.object(fairseq_glue, "world_size", lambda: 2):
+        with pytest.raises(ValueError, match="--base-layers: 0 is not allowed with --moe-expert-parallel"):
+            fairseq_glue.check_rank_checkpoints(OmegaConf.create({"base_layers": 0, "moe_expert_parallel": True}))
+        fairseq_glue.check_rank_checkpoints(args)
 
 
 # ----------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from moe_plugin.moe_layer import MoELayer
-from moe_plugin.routing import ARCHS
+from moe_plugin.models.archs import ARCHS
 from tests import _e2e_runs
 from tests.conftest import USER_DIR
 

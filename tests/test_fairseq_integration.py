@@ -13,7 +13,7 @@ from fairseq.models import ARCH_MODEL_REGISTRY
 
 import moe_plugin  # noqa: F401
 from moe_plugin.moe_layer import MoELayer
-from moe_plugin.routing import ARCHS
+from moe_plugin.models.archs import ARCHS
 from tests.helpers import lm_sample
 from tests.conftest import TINY_MODEL, USER_DIR
 
@@ -195,3 +195,164 @@ def test_dense_layers_untouched_and_state_dict_names(tiny_corpus):
     assert "decoder.layers.1.fc1.router.gate.weight" in keys
     assert "decoder.layers.0.fc1.weight" in keys
     assert isinstance(model.decoder.layers[1].fc1, MoELayer)
+
+
+# ----------------------------------------------------------------------------------------
+# hydra configs (fairseq-hydra-train's path): the arch fills what the config leaves out,
+# and base_layers (fairseq's per-rank checkpoint switch) is derived from explicit fields
+# ----------------------------------------------------------------------------------------
+
+HYDRA_MODEL = {"decoder_layers": 4, "decoder_embed_dim": 16, "decoder_ffn_embed_dim": 32,
+               "decoder_attention_heads": 2, "decoder_input_dim": 16, "decoder_output_dim": 16,
+               "tokens_per_sample": 16, "dropout": 0.0}
+
+
+def hydra_cfg(tmp_path, data_bin, model: dict):
+    """The config fairseq-hydra-train trains with for a YAML whose model group is ``model``,
+    composed step by step as fairseq_cli/hydra_train.py and train.main do (hydra_init,
+    compose, add_defaults, full resolution, import_user_module, add_defaults again)."""
+    import yaml
+    from fairseq import utils
+    from fairseq.dataclass.initialize import add_defaults, hydra_init
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf, open_dict
+
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump({
+        "common": {"user_dir": USER_DIR, "cpu": True, "seed": 1},
+        "task": {"_name": "language_modeling", "data": data_bin, "tokens_per_sample": 16},
+        "model": dict(HYDRA_MODEL, **model),
+        "criterion": {"_name": "moe_cross_entropy"},
+        "optimization": {"max_update": 100},
+    }))
+    GlobalHydra.instance().clear()
+    hydra_init("cfg")
+    try:
+        with initialize_config_dir(config_dir=str(tmp_path), version_base="1.1"):
+            cfg = compose("cfg")
+    finally:
+        GlobalHydra.instance().clear()
+    # the first add_defaults and the resolution run before fairseq imports the user dir, so the
+    # model group is still the YAML's (here the plugin is imported already: keep it raw)
+    with open_dict(cfg):
+        raw_model, cfg.model = OmegaConf.to_container(cfg.model), None
+    add_defaults(cfg)
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+    with open_dict(cfg):
+        cfg.model = raw_model
+    OmegaConf.set_struct(cfg, True)
+    utils.import_user_module(cfg.common)
+    add_defaults(cfg)
+    return cfg
+
+
+def build_hydra(tmp_path, data_bin, model: dict):
+    cfg = hydra_cfg(tmp_path, data_bin, model)
+    task = tasks.setup_task(cfg.task)
+    torch.manual_seed(0)
+    return cfg, task.build_model(cfg.model)
+
+
+def moe_options(model):
+    import dataclasses
+
+    return {k: v for k, v in dataclasses.asdict(model.decoder.moe_cfg).items() if k != "moe_seed"}
+
+
+@pytest.mark.parametrize("arch,extra", [
+    ("gshard_lm", {}), ("hash_lm", {}), ("base_lm", {}),
+    # the schedule's length defaults to --max-update, which a hydra model config does not see
+    ("hyper_lm", {"moe_top_k_schedule_updates": 100}),
+])
+def test_hydra_config_naming_an_arch_gets_the_archs_router_and_defaults(tiny_corpus, tmp_path, arch, extra):
+    """``model._name: gshard_lm`` without MoE options builds what ``--arch gshard_lm`` builds
+    (before: the model dataclass's defaults, moe_router switch and top-1, hid the arch's)."""
+    _, data_bin = tiny_corpus
+    _, model = build_hydra(tmp_path, data_bin, {"_name": arch, **extra})
+    _, _, cli_model, _ = build(data_bin, arch)
+    assert moe_options(model) == moe_options(cli_model)
+    assert model.decoder.moe_cfg.moe_router == ARCHS[arch][0]
+    routers = {type(layer.router).__name__ for _, layer in model.moe_layers()}
+    assert routers == {type(layer.router).__name__ for _, layer in cli_model.moe_layers()} and routers
+    assert [type(layer).__name__ for layer in model.decoder.layers] == \
+        [type(layer).__name__ for layer in cli_model.decoder.layers]
+
+
+def test_hydra_moe_lm_must_name_its_router(tiny_corpus, tmp_path):
+    _, data_bin = tiny_corpus
+    with pytest.raises(ValueError, match="--moe-router: unset") as info:
+        build_hydra(tmp_path, data_bin, {"_name": "moe_lm"})
+    assert "allowed" in str(info.value) and "switch" in str(info.value)
+    _, model = build_hydra(tmp_path, data_bin, {"_name": "moe_lm", "moe_router": "gshard", "moe_top_k": 2})
+    assert {layer.router.name for _, layer in model.moe_layers()} == {"gshard"}
+
+
+def _checkpoint_suffix(cfg):
+    """What fairseq's distributed_init makes of ``cfg`` (one gloo process): the checkpoint suffix."""
+    import logging
+    import socket
+
+    from fairseq.distributed import utils as distributed_utils
+    from omegaconf import open_dict
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with open_dict(cfg):
+        dt = cfg.distributed_training
+        dt.distributed_world_size, dt.distributed_rank, dt.distributed_backend = 1, 0, "gloo"
+        dt.distributed_init_method = f"tcp://127.0.0.1:{port}"
+    level = logging.getLogger().level
+    try:
+        distributed_utils.distributed_init(cfg)
+    finally:
+        torch.distributed.destroy_process_group()
+        logging.getLogger().setLevel(level)
+    return cfg.checkpoint.checkpoint_suffix
+
+
+def _num_base_layers(model):
+    from moe_plugin.base_layer import BaseLayer
+
+    return sum(isinstance(layer, BaseLayer) for layer in model.decoder.layers)
+
+
+@pytest.mark.parametrize("model,base_layers,count", [
+    ({"_name": "switch_lm", "moe_expert_parallel": True}, 1, 0),  # no BASE layer, per-rank files
+    ({"_name": "switch_lm"}, 0, 0),
+    ({"_name": "base_lm"}, 1, 1),  # the arch's one BASE layer
+    ({"_name": "base_lm", "moe_expert_parallel": True, "moe_base_layers": 2}, 3, 2),
+    ({"_name": "moe_lm", "moe_router": "switch", "moe_expert_parallel": True}, 1, 0),
+    # written before moe_base_layers existed (a checkpoint's cfg): base_layers = N + 1
+    ({"_name": "base_lm", "moe_expert_parallel": True, "base_layers": 3}, 3, 2),
+    ({"_name": "switch_lm", "moe_expert_parallel": True, "base_layers": 1}, 1, 0),
+])
+def test_hydra_base_layers_say_what_they_mean(tiny_corpus, tmp_path, model, base_layers, count):
+    """fairseq reads ``cfg.model.base_layers > 0`` in distributed_init (before the model is
+    built) for its per-rank checkpoints; a hydra config gives the BASE-layer count and
+    expert parallelism, and the value fairseq reads follows from them."""
+    _, data_bin = tiny_corpus
+    cfg = hydra_cfg(tmp_path, data_bin, model)
+    assert cfg.model.base_layers == base_layers
+    assert _checkpoint_suffix(cfg) == ("-rank-0" if base_layers > 0 else "")
+    task = tasks.setup_task(cfg.task)
+    assert _num_base_layers(task.build_model(cfg.model)) == count
+
+
+def test_command_line_base_layers_keep_fairseqs_meaning(tiny_corpus):
+    """``--base-layers N`` is N BASE layers; the saved config holds the count
+    (moe_base_layers) and fairseq's switch (base_layers = N + 1 with --moe-expert-parallel)."""
+    _, data_bin = tiny_corpus
+    for extra, switch, count in [((), 1, 1), (("--base-layers", 2), 2, 2), (("--base-layers", 0), 0, 0),
+                                 (("--moe-expert-parallel",), 2, 1), (("--moe-expert-parallel", "--base-layers", 0), 1, 0),
+                                 (("--moe-base-layers", 2, "--moe-expert-parallel"), 3, 2)]:
+        cfg, _, model, _ = build(data_bin, "base_lm", *extra)
+        assert (cfg.model.base_layers, cfg.model.moe_base_layers, _num_base_layers(model)) == (switch, count, count), extra
+    with pytest.raises(ValueError, match="--base-layers: 3 is not allowed with --moe-base-layers 1"):
+        parse(data_bin, "base_lm", "--base-layers", 3, "--moe-base-layers", 1)
+
+
+def test_inconsistent_base_layer_fields_are_refused(tiny_corpus, tmp_path):
+    _, data_bin = tiny_corpus
+    with pytest.raises(ValueError, match="--base-layers: 5 is not allowed with --moe-base-layers 1"):
+        build_hydra(tmp_path, data_bin, {"_name": "base_lm", "moe_base_layers": 1, "base_layers": 5})

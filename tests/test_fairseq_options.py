@@ -12,14 +12,16 @@ MoE layers, --ddp-backend fully_sharded (command line and hydra/FSDP context).
 tests/test_ep_fairseq.py) and the half-precision test below runs what CPU can of them.
 """
 
+import argparse
 import subprocess
 import sys
+from typing import Optional
 
 import pytest
 import torch
 
 import moe_plugin  # noqa: F401
-from moe_plugin.routing import ARCHS
+from moe_plugin.models.archs import ARCHS
 from tests.conftest import ROOT, TINY_MODEL, TINY_TRAIN, run_cli
 from tests.test_activation_checkpointing import _batch
 from tests.test_fairseq_integration import build, parse
@@ -181,18 +183,27 @@ def test_no_boolean_option_defaults_to_true():
     passing ``--x`` would switch x *off*. No plugin option may be such a trap."""
     import dataclasses
 
+    from moe_plugin import config as moe_config
     from moe_plugin.criterions.moe_cross_entropy import MoECrossEntropyConfig
-    from moe_plugin.models.moe_lm import MoELanguageModelConfig
+    from moe_plugin.models.moe_lm import MoELanguageModel, MoELanguageModelConfig
     from fairseq.models.transformer_lm import TransformerLanguageModelConfig
 
     fairseq_own = {f.name for f in dataclasses.fields(TransformerLanguageModelConfig)}
+    # the core's defaults are the arch functions' last resort, and the model dataclass's
+    # (interpolated) defaults resolve to them: a True there is a True behind the flag
     traps = [
         f.name
-        for dc in (MoELanguageModelConfig, MoECrossEntropyConfig)
+        for dc in (MoELanguageModelConfig, MoECrossEntropyConfig, moe_config.moe_config_class())
         for f in dataclasses.fields(dc)
-        if f.type in (bool, "bool") and f.default is True and f.name not in fairseq_own
+        if f.type in (bool, "bool", Optional[bool]) and f.default is True and f.name not in fairseq_own
     ]
     assert traps == []
+    # and the flags fairseq generates (MoELanguageModel.add_args) are store_true
+    parser = argparse.ArgumentParser()
+    MoELanguageModel.add_args(parser)
+    store_false = [a.dest for a in parser._actions if isinstance(a, argparse._StoreFalseAction)
+                   and a.dest not in fairseq_own]
+    assert store_false == []
 
 
 def test_gating_fp32_flag_means_what_it_says(tiny_corpus):

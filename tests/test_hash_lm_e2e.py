@@ -5,7 +5,6 @@ The default run drives fairseq_cli's own ``train.main`` / ``eval_lm.main`` in th
 (the code the console scripts run, without a new interpreter per call) and one real
 command-line train + eval; the slow run repeats every type as subprocesses."""
 
-import importlib.util
 import logging
 import os
 import re
@@ -28,10 +27,9 @@ HASH_ARGS = ["--arch", "hash_lm", "--criterion", "moe_cross_entropy", "--moe-exp
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("hash_kmeans_table", os.path.join(ROOT, "scripts", "hash_kmeans_table.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    from moe_plugin.tools import hash_kmeans
+
+    return hash_kmeans
 
 
 def train_in_process(data_bin, save_dir, *extra, updates=4):
@@ -212,9 +210,9 @@ def test_every_hash_type_command_line(tiny_corpus, tmp_path, hash_type):
         import subprocess
         import sys
 
-        subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "hash_kmeans_table.py"),
+        subprocess.run([sys.executable, "-m", "moe_plugin.tools.hash_kmeans",
                         tmp_path / "dense" / "checkpoint_last.pt", "--experts", str(E), "--type", hash_type,
-                        "--out", table], check=True, capture_output=True)
+                        "--out", table], check=True, capture_output=True, cwd=ROOT)
         extra += ["--hash-table", table]
     proc = run_cli("train", data_bin, *TINY_TRAIN, *TINY_MODEL, *HASH_ARGS, *extra, "--max-update", "6",
                    "--save-dir", tmp_path / "hash")

@@ -1,7 +1,7 @@
 """hyper_lm and smoe_dropout_lm through fairseq-train / fairseq-eval-lm: the K schedule of every
 update against the reference's rule (across a resume from checkpoint_last, and with the
 schedule length defaulting to --max-update), the frozen parts absent from fairseq's optimizer
-and unchanged by training, evaluation at any K (--model-overrides), and scripts/sweep_topk.py."""
+and unchanged by training, evaluation at any K (--model-overrides), and moe_plugin.tools.sweep_topk."""
 
 import json
 import os
@@ -71,7 +71,7 @@ def sweep(hyper_run, smoe_run, tmp_path_factory):
     _, smoe_dir, _ = smoe_run
     out = tmp_path_factory.mktemp("sweep")
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "scripts", "sweep_topk.py"), data_bin,
+        [sys.executable, "-m", "moe_plugin.tools.sweep_topk", data_bin,
          f"hyper={hyper_dir / 'checkpoint_last.pt'}", f"smoe={smoe_dir / 'checkpoint_last.pt'}",
          "--out", out, "--ks", "1,2,4,8", "--", *EVAL],
         cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
@@ -179,11 +179,8 @@ def test_eval_lm_at_any_k_and_the_sweep_script(sweep):
 
 
 def test_sweep_rerenders_from_json(sweep, tmp_path):
-    import importlib.util
+    from moe_plugin.tools import sweep_topk as mod
 
-    spec = importlib.util.spec_from_file_location("sweep_topk", os.path.join(ROOT, "scripts", "sweep_topk.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
     mod.main(["DATA", "--from-json", str(sweep / "topk_sweep.json"), "--out", str(tmp_path), "--ks", "1,2,4,8",
               "--", *EVAL])
     table = lambda p: [l for l in open(p).read().splitlines() if l.startswith("|")]  # noqa: E731

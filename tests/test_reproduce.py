@@ -1,7 +1,8 @@
-"""scripts/reproduce/: every script's --dry-run at every scale (the commands it prints are the
-commands it runs, and fairseq's own parsers accept them), the clear refusal when an arch is
-not registered, and a tiny real run through the runner and the report. The full tiny-scale
-runs of the four scripts are marked slow."""
+"""The experiments (moe_plugin/experiments/, run by scripts/reproduce/<name>.sh): every
+experiment's --dry-run at every scale (the commands it prints are the commands it runs, and
+fairseq's own parsers accept them), the registry, the shell entry points, and a tiny real run
+through the runner and the report. The full tiny-scale runs of the four experiments are
+marked slow."""
 
 import os
 import re
@@ -11,17 +12,21 @@ import sys
 
 import pytest
 
+from moe_plugin.experiments import EXPERIMENTS, register_experiment
+from moe_plugin.experiments import _plan as P
 from moe_plugin.experiments import runner as R
-from moe_plugin.routing import ARCHS
+from moe_plugin.models.archs import ARCHS
 from tests import _reproduce_runs
 from tests.conftest import ROOT
 
-SCRIPTS = R.SCRIPTS
+SCRIPTS = list(EXPERIMENTS)
+#: every arch a plan may name: the routers', the plugin's dense one, fairseq's own
+KNOWN_ARCHS = set(ARCHS) | set(P.PLUGIN_ARCHS) | set(P.FAIRSEQ_ARCHS)
 
 
 def dry_run(script, scale, capsys, *extra):
     capsys.readouterr()
-    plan = R.load_script(script).main(["--scale", scale, "--dry-run", *extra])
+    plan = R.main(script, ["--scale", scale, "--dry-run", *extra])
     return plan, capsys.readouterr().out
 
 
@@ -43,11 +48,11 @@ def parse_train(args):
     return _PARSED[key]
 
 
-@pytest.mark.parametrize("scale", R.SCALES)
+@pytest.mark.parametrize("scale", P.SCALES)
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_dry_run_prints_the_exact_commands(script, scale, capsys):
     plan, out = dry_run(script, scale, capsys)
-    steps = R.plan_steps(plan)
+    steps = P.plan_steps(plan)
     printed = [line for line in out.splitlines() if line and not line.startswith("#")]
     assert len(printed) == len(steps)
     for line, step in zip(printed, steps):
@@ -69,9 +74,9 @@ def test_dry_run_prints_the_exact_commands(script, scale, capsys):
             ws = int(inner[inner.index("--distributed-world-size") + 1])
             assert ws == plan.launcher.world_size > 1
             if plan.launcher.kind == "torchrun":
-                assert cmd[:3] == ["bash", R.LAUNCH_TORCHRUN, str(ws)]
+                assert cmd[:3] == ["bash", P.LAUNCH_TORCHRUN, str(ws)]
             else:
-                assert cmd[0] == "sbatch" and "--wait" in cmd and R.LAUNCH_SLURM in cmd
+                assert cmd[0] == "sbatch" and "--wait" in cmd and P.LAUNCH_SLURM in cmd
                 nodes = int(cmd[cmd.index("--nodes") + 1])
                 assert nodes * int(cmd[cmd.index("--ntasks-per-node") + 1]) == ws
             for ev in [s for s in steps if s.run == step.run and s.kind == "eval"]:
@@ -88,19 +93,18 @@ def test_dry_run_prints_the_exact_commands(script, scale, capsys):
 
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_every_command_is_accepted_by_fairseqs_parsers(script, capsys):
-    """fairseq-train's parser on every training command of every scale, fairseq-eval-lm's on
-    every evaluation (runs of archs not registered in this checkout are skipped)."""
+    """fairseq-train's parser on every training command of every scale (dense_lm rows
+    included), fairseq-eval-lm's on every evaluation."""
     from fairseq import options
 
-    for scale in R.SCALES:
+    for scale in P.SCALES:
         plan, _ = dry_run(script, scale, capsys)
         for run in plan.runs:
-            if run.arch not in ARCHS and run.arch not in R.FAIRSEQ_ARCHS:
-                continue
-            ns = parse_train(R.train_args(plan, run))
+            assert run.arch in KNOWN_ARCHS, run.arch
+            ns = parse_train(P.train_args(plan, run))
             assert ns.arch == run.arch and ns.max_update == int(plan.hp["updates"])
             for ev in run.evals:
-                cmd = R.eval_command(plan, run, ev)
+                cmd = P.eval_command(plan, run, ev)
                 cmd = cmd[cmd.index("fairseq-eval-lm"):]
                 ens = options.parse_args_and_arch(options.get_eval_lm_parser(), input_args=cmd[1:])
                 assert ens.gen_subset == ev.split
@@ -114,10 +118,10 @@ def test_hyperrouter_plan_evaluates_at_two_and_all_experts(capsys):
     for run in plan.runs:
         if run.meta["kind"] in ("hyper", "smoe_dropout"):
             assert [ev.overrides for ev in run.evals] == [{"moe_eval_top_k": 2}, {"moe_eval_top_k": 16}]
-            ns = parse_train(R.train_args(plan, run))
+            ns = parse_train(P.train_args(plan, run))
             assert (ns.moe_top_k_schedule, ns.moe_top_k_min, ns.moe_top_k_max) == ("linear_increase", 8, 16)
             assert ns.moe_top_k_schedule_updates == 400000
-    sweeps = [s for s in plan.post if s.cmd[1] == "scripts/sweep_topk.py"]
+    sweeps = [s for s in plan.post if s.cmd[1:3] == ["-m", "moe_plugin.tools.sweep_topk"]]
     assert len(sweeps) == 3 and all("1,2,4,8,16" in s.cmd for s in sweeps)
 
 
@@ -132,17 +136,20 @@ def test_updates_override_moves_every_schedule(capsys):
 def test_only_keeps_the_runs_a_run_needs(capsys):
     plan, out = dry_run("hash_ablation", "tiny", capsys, "--only", "hash_clustered")
     assert [r.name for r in plan.runs] == ["dense", "hash_clustered"]
-    assert "scripts/hash_kmeans_table.py" in out
+    assert "python -m moe_plugin.tools.hash_kmeans" in out
     with pytest.raises(SystemExit):
-        R.load_script("hash_ablation").main(["--dry-run", "--only", "nope"])
+        R.main("hash_ablation", ["--dry-run", "--only", "nope"])
 
 
-def test_unregistered_arch_is_refused_with_a_clear_message(monkeypatch, capsys):
-    monkeypatch.delitem(ARCHS, "sam_lm")
-    _, out = dry_run("sam_k_quality", "tiny", capsys)
-    assert "WARNING" in out and "sam_lm: registered by moe_plugin/routing/sam.py (issue 5)" in out
-    with pytest.raises(SystemExit, match=r"(?s)not registered.*sam_lm.*--skip-missing-archs"):
-        R.load_script("sam_k_quality").main(["--scale", "tiny", "--out", os.devnull + "_x"])
+def test_registry_holds_each_paper_table_once():
+    assert SCRIPTS == sorted(["base_throughput_quality", "hash_ablation", "sam_k_quality", "hyperrouter_tables"])
+    for name, exp in EXPERIMENTS.items():
+        assert exp.name == name and exp.paper["source"] and callable(exp.table) and exp.description
+        assert os.path.exists(os.path.join(ROOT, "scripts", "reproduce", f"{name}.sh"))
+    with pytest.raises(ValueError, match="registered twice"):
+        register_experiment("hash_ablation", table=lambda runs: [], paper={"source": "x"})(lambda scale, args: None)
+    with pytest.raises(ValueError, match="registered: base_throughput_quality"):
+        R.main("nope", ["--dry-run"])
 
 
 @pytest.fixture(scope="module")
@@ -182,13 +189,15 @@ def test_tiny_run_through_runner_and_report(tiny_run):
         assert os.path.getsize(os.path.join(tiny_run.out, "plots", png)) > 1000
 
 
-@pytest.mark.slow
-def test_script_runs_as_a_command():
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "reproduce", "sam_k_quality.py"),
-                           "--scale", "mini", "--dry-run"], capture_output=True, text=True, cwd=ROOT,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+def test_shell_entry_point_prints_the_plan_from_any_directory(tmp_path):
+    """bash scripts/reproduce/<name>.sh from another directory: the same plan, with the
+    experiment's own option (--equal-compute) passed through."""
+    proc = subprocess.run(["bash", os.path.join(ROOT, "scripts", "reproduce", "sam_k_quality.sh"), "--scale", "mini",
+                           "--dry-run", "--equal-compute"], capture_output=True, text=True, cwd=str(tmp_path),
+                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable), timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.count("fairseq-train data/wikitext-103/data-bin") == 7
+    assert f"run from {ROOT}" in proc.stdout and "experts of hidden size F/K (--equal-compute)" in proc.stdout
 
 
 @pytest.mark.slow
@@ -196,28 +205,7 @@ def test_script_runs_as_a_command():
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_tiny_scale_end_to_end(script, tmp_path):
     """The acceptance run: --scale tiny on CPU writes its tables and plots (minutes each)."""
-    mod = R.load_script(script)
-    plan = R.load_script(script).main(["--scale", "tiny", "--dry-run"])
-    missing = R.missing_archs(plan)
-    args = ["--scale", "tiny", "--out", str(tmp_path / "out"), "--data-root", str(tmp_path / "data")]
-    if missing:
-        args.append("--skip-missing-archs")
-    mod.main(args)
+    R.main(script, ["--scale", "tiny", "--out", str(tmp_path / "out"), "--data-root", str(tmp_path / "data")])
     md = (tmp_path / "out" / "report.md").read_text()
     assert f"## {script}" in md and "## All runs" in md
     assert list((tmp_path / "out" / "plots").glob("valid_vs_updates_*.png"))
-
-
-def test_skip_missing_archs_marks_rows_not_run(monkeypatch, tmp_path, capsys):
-    monkeypatch.delitem(ARCHS, "sam_lm")
-    data_root = tmp_path / "data"
-    (data_root / "synthetic" / "data-bin").mkdir(parents=True)
-    (data_root / "synthetic" / "truth.json").write_text("{}")  # the corpus steps count as done
-    (data_root / "synthetic" / "data-bin" / "dict.txt").write_text("")
-    out = tmp_path / "out"
-    R.load_script("sam_k_quality").main(["--scale", "tiny", "--only", "topk_k2,sam_k1", "--skip-missing-archs",
-                                         "--out", str(out), "--data-root", str(data_root)])
-    assert "skipping runs of unregistered archs: ['sam_k1', 'topk_k2']" in capsys.readouterr().out
-    md = (out / "report.md").read_text()
-    assert "| flat top-2 | 2 | 1 | not run |" in md and "| SAM K=1 | 1 | 2 | not run |" in md
-    assert not (out / "sam_k1" / "train.log").exists()

@@ -10,18 +10,14 @@ import pytest
 import torch
 
 from moe_plugin import config
-from moe_plugin.moe_layer import MoELayer
+from moe_plugin.dispatch.expert_parallel import ExpertParallelDispatcher
+from moe_plugin.dispatch.placement import ExpertPlacement, device_visits
 from moe_plugin.experts import ExpertBank
+from moe_plugin.losses import alignment_loss, expert_balance_loss, group_balance_loss, switch_balance_loss
+from moe_plugin.moe_layer import MoELayer
 from moe_plugin.routing import DROPPED, build_router
-from moe_plugin.routing.interface import capacity, switch_balance_loss
-from moe_plugin.routing.sam import (
-    alignment_loss,
-    device_visits,
-    expert_balance_loss,
-    group_balance_loss,
-    per_slot_capacity,
-    sam_select,
-)
+from moe_plugin.routing.interface import capacity, per_slot_capacity
+from moe_plugin.routing.sam import sam_select
 from tests.helpers import router_cfg, token_info
 
 INF = float("inf")
@@ -122,10 +118,9 @@ def test_losses_match_double_loop(E, G, K, mode, slots, align_reduction):
     valid = torch.ones(30, dtype=torch.bool)
     group, ids, _ = sam_select(p, G, K)
     kth = p.gather(1, ids[:, -1:]).squeeze(1)
-    counted = ids[:, 0] if slots == "first" else ids
     got = (
         float(group_balance_loss(p, group, G, valid)),
-        float(expert_balance_loss(p, group, counted, G, valid, mode)),
+        float(expert_balance_loss(p, group, ids, G, valid, mode, slots)),
         float(alignment_loss(p, group, kth, G, valid, align_reduction)),
     )
     for a, b in zip(got, ref_losses(p, G, K, mode, slots, align_reduction)):
@@ -141,8 +136,8 @@ def test_router_forward_matches_reference():
     rg, rids, rw = ref_select(p, 3, 2, True)
     assert torch.equal(out.expert_ids_TK, rids)
     torch.testing.assert_close(out.weights_TK.double(), rw, atol=1e-6, rtol=1e-5)
-    assert torch.equal(r.last_group_T, rg)
-    assert torch.equal(r.group_of(out.expert_ids_TK), rg.unsqueeze(1).expand(-1, 2))
+    # every slot's expert lies in the token's chosen group (contiguous blocks of E/G = 4)
+    assert torch.equal(out.expert_ids_TK // 4, rg.unsqueeze(1).expand(-1, 2))
 
 
 def test_g1_is_plain_topk_over_all_experts():
@@ -227,7 +222,7 @@ def test_hand_case_selection():
         out = r(x)
         assert out.expert_ids_TK.tolist() == ids
         torch.testing.assert_close(out.weights_TK, torch.tensor(w), atol=1e-6, rtol=1e-6)
-        assert r.last_group_T.tolist() == [1, 0, 1, 1]
+        assert (out.expert_ids_TK // 2).tolist() == [[g] * K for g in [1, 0, 1, 1]]  # groups {0,1} {2,3}
 
 
 def test_hand_case_losses():
@@ -293,6 +288,11 @@ def test_hand_case_metrics():
         assert float(st["group_load_cv"]) == pytest.approx(0.5)
         assert float(st["topk_in_group"]) == pytest.approx(topk_in)
         assert float(st["top1_in_group"]) == pytest.approx(top1_in)
+        # the traffic figures are the (local) dispatcher's, simulating the router's G devices
+        assert r.simulated_devices == 2
+        layer = MoELayer(r, ExpertBank(4, 4, 8))
+        layer(x)
+        st = layer.last_stats
         # SAM: groups 1 0 1 1 vs homes 0 0 1 1 -> only t0 leaves its device, once
         assert float(st["xdev_tokens"]) == 1.0
         assert float(st["xdev_frac"]) == pytest.approx(0.25)
@@ -306,9 +306,9 @@ def test_device_visits_by_hand():
     ids = torch.tensor([[0, 5], [6, 7], [2, DROPPED], [DROPPED, DROPPED]])
     home = torch.tensor([0, 0, 1, 1])
     # 4 devices of 2 experts: t0 visits dev 0 (home) and 2; t1 dev 3; t2 dev 1 (home); t3 nothing
-    assert device_visits(ids, home, 2, 4).tolist() == [1, 1, 0, 0]
+    assert device_visits(ids, home, ExpertPlacement(8, 4)).tolist() == [1, 1, 0, 0]
     # 2 devices of 4: t0 dev 0 (home) + 1; t1 dev 1; t2 dev 0 (home 1); t3 nothing
-    assert device_visits(ids, home, 4, 2).tolist() == [1, 1, 1, 0]
+    assert device_visits(ids, home, ExpertPlacement(8, 2)).tolist() == [1, 1, 1, 0]
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -343,15 +343,17 @@ def test_padding_takes_no_part():
         torch.testing.assert_close(full.stats[name], sub.stats[name])
 
 
-def test_last_group_marks_padding():
+def test_a_tokens_experts_share_one_group_and_padding_is_not_routed():
     r = make(E=8, G=4, K=2)
     ids = torch.randint(4, 50, (2, 6))
     ids[0, -2:] = 1
     tok = token_info(ids)
     out = r(torch.randn(12, 16), tokens=tok)
-    assert (r.last_group_T[tok.pad_mask_T] == DROPPED).all()
+    assert (out.expert_ids_TK[tok.pad_mask_T] == DROPPED).all()
+    assert (out.plain_topk_ids_TK[tok.pad_mask_T] == DROPPED).all()
     valid = ~tok.pad_mask_T
-    assert torch.equal(r.last_group_T[valid], r.group_of(out.expert_ids_TK[valid, 0]))
+    groups = out.expert_ids_TK[valid] // 2  # groups of E/G = 2 contiguous experts
+    assert (groups == groups[:, :1]).all()
 
 
 def test_capacity_drops_like_switch():
@@ -410,24 +412,31 @@ def test_bad_options_raise(overrides, option):
         config.validate(cfg)
 
 
-def test_expert_parallel_counts_real_sends(monkeypatch):
-    """With --moe-expert-parallel and torch.distributed up (faked here: W = 4, rank 1), a
-    token's home is this rank and expert e lives on device e // (E/W)."""
-    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
-    monkeypatch.setattr(torch.distributed, "get_world_size", lambda *a, **k: 4)
-    monkeypatch.setattr(torch.distributed, "get_rank", lambda *a, **k: 1)
-    r = make(E=8, G=4, K=2, moe_expert_parallel=True)
+def test_expert_parallel_dispatcher_counts_real_sends():
+    """In expert-parallel mode (W = 4, this rank 1; the traffic figures need no process
+    group) a token's home is this rank and expert e lives on device e // (E/W)."""
+    ep = ExpertParallelDispatcher(8, 4, 1)
     x = torch.randn(80, 16) * 3
-    st = r(x).stats
-    away = r.last_group_T != 1  # group j = experts 2j, 2j+1 = device j
+    valid = torch.ones(80, dtype=torch.bool)
+
+    def traffic(router):
+        out = router(x)
+        st = ep.traffic_stats(out.expert_ids_TK, valid, simulated_devices=router.simulated_devices,
+                              plain_ids_TK=out.plain_topk_ids_TK)
+        return out, st
+
+    out, st = traffic(make(E=8, G=4, K=2))
+    away = out.expert_ids_TK[:, 0] // 2 != 1  # group j = experts 2j, 2j+1 = device j
     assert float(st["xdev_tokens"]) == float(away.sum())
     assert float(st["xdev_slots"]) == 2 * float(away.sum())
     # G = 2 groups over W = 4 devices: a group spans two devices, so a token may leave for 2
-    r2 = make(E=8, G=2, K=2, moe_expert_parallel=True)
-    out = r2(x)
+    out, st = traffic(make(E=8, G=2, K=2))
     dev = out.expert_ids_TK // 2
     expected = sum(len(set(d.tolist()) - {1}) for d in dev)
-    assert float(out.stats["xdev_tokens"]) == expected
+    assert float(st["xdev_tokens"]) == expected
+    plain_dev = out.plain_topk_ids_TK // 2
+    expected_plain = sum(len(set(d.tolist()) - {1}) for d in plain_dev) / 80
+    assert float(st["topk_xdev_frac"]) == pytest.approx(expected_plain)
 
 
 # ---------------------------------------------------------------- Hetu's SAM gate
@@ -554,8 +563,9 @@ def test_align_gradient_is_sammax_gradient():
     E, G, K = 12, 3, 2
     p = random_probs(50, E, seed=5).requires_grad_(True)
     group, ids, _ = sam_select(p.detach(), G, K)
-    kth = p.gather(1, ids[:, -1:]).squeeze(1).detach()
-    (grad,) = torch.autograd.grad(alignment_loss(p, group, kth, G, torch.ones(50, dtype=torch.bool), "sum"), p)
+    kth = p.gather(1, ids[:, -1:]).squeeze(1)
+    valid = torch.ones(50, dtype=torch.bool)
+    (grad,) = torch.autograd.grad(alignment_loss(p, group, kth, G, valid, "sum", detach_kth=True), p, retain_graph=True)
     expected = torch.zeros(50, E, dtype=p.dtype)
     for t in range(50):
         for e in range(E):
@@ -564,8 +574,7 @@ def test_align_gradient_is_sammax_gradient():
     assert expected.sum() > 0
     assert torch.equal(grad, expected)
     # the default (not detached) also pushes the K-th selected probability up
-    kth_live = p.gather(1, ids[:, -1:]).squeeze(1)
-    (grad_live,) = torch.autograd.grad(alignment_loss(p, group, kth_live, G, torch.ones(50, dtype=torch.bool), "sum"), p)
+    (grad_live,) = torch.autograd.grad(alignment_loss(p, group, kth, G, valid, "sum"), p)
     rows = torch.arange(50)
     torch.testing.assert_close(grad_live[rows, ids[:, -1]], -expected.sum(-1))
 

@@ -8,7 +8,8 @@ import scipy.stats
 import torch
 
 from moe_plugin.routing import DROPPED, build_router
-from moe_plugin.routing.interface import apply_capacity, capacity, switch_balance_loss
+from moe_plugin.losses import switch_balance_loss
+from moe_plugin.routing.interface import apply_capacity, capacity
 from tests.helpers import router_cfg, token_info
 
 

@@ -1,7 +1,8 @@
 """Expert parallelism: each of W ranks holds E/W experts; tokens travel by all-to-all.
 
 Legend: T tokens on this rank, K slots per token, D model dim, E experts in the layer,
-W ranks, L = E/W experts per rank (rank w holds global experts w*L .. w*L+L-1),
+W ranks, L = E/W experts per rank (rank w holds global experts w*L .. w*L+L-1: the
+:class:`moe_plugin.dispatch.placement.ExpertPlacement`),
 N slots this rank sends (kept slots, sorted by global expert), R rows this rank receives.
 
 Plan of the permutations (:class:`ExpertParallelDispatcher`):
@@ -43,18 +44,23 @@ the tokens of every rank (the reverse all-to-all brings them to the owner), so f
 factor W would scale it W times too large. :func:`make_expert_parallel` registers a hook
 dividing expert gradients by W: after fairseq's scaling both kinds of gradient equal the
 one-process gradient of the summed loss over the global sample size.
+
+Composition at build time: the layer builder (``moe_plugin.moe_layer.build_moe_layer``,
+BASE's ``BaseLayer``) builds only this rank's L experts (``moe_plugin.experts``: per-expert
+generators, so they equal the slice of a one-process build) and hands them to
+:func:`make_expert_parallel`, which returns the dispatcher; nothing is copied or cut.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-from typing import List, Optional, Tuple
+from typing import List, Tuple
 
 import torch
 import torch.nn as nn
 
 from moe_plugin.dispatch.local import DispatchPlan, LocalDispatcher
+from moe_plugin.dispatch.placement import ExpertPlacement, traffic_stats
 from moe_plugin.dispatch.all_to_all import all_to_all, exchange_counts, exchange_rows
 from moe_plugin.dispatch.all_to_all import rank as dist_rank, world_size as dist_world_size
 
@@ -122,17 +128,11 @@ class ExpertParallelDispatcher:
     """
 
     def __init__(self, num_experts: int, world_size: int, rank: int, group=None, dedup: bool = True):
-        if world_size < 1 or num_experts % world_size:
-            raise ValueError(
-                f"--moe-expert-count: {num_experts} experts cannot be split over {world_size} "
-                f"workers; expert parallelism needs --moe-expert-count divisible by the world size"
-            )
-        if not 0 <= rank < world_size:
-            raise ValueError(f"expert parallelism: rank {rank} is outside 0..{world_size - 1}")
+        self.placement = ExpertPlacement(num_experts, world_size, rank)  # validates E % W
         self.num_experts = num_experts
         self.world_size = world_size
         self.rank = rank
-        self.num_local = num_experts // world_size
+        self.num_local = self.placement.per_rank
         self.group = group
         self.dedup = dedup
         self.local = LocalDispatcher(num_experts)
@@ -140,10 +140,14 @@ class ExpertParallelDispatcher:
         self.last_rows_sent = 0
         self.last_rows_remote = 0
 
+    @classmethod
+    def for_placement(cls, placement: ExpertPlacement, group=None, dedup: bool = True) -> "ExpertParallelDispatcher":
+        return cls(placement.num_experts, placement.world_size, placement.rank, group, dedup)
+
     @property
     def expert_range(self) -> Tuple[int, int]:
         """[first, stop) global expert ids held by this rank."""
-        return self.rank * self.num_local, (self.rank + 1) * self.num_local
+        return self.placement.first, self.placement.stop
 
     def _exchange_counts(self, counts_WC: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """All-to-all of a (W, C) count table plus the resume stamp -> (received (W, C), stamps (W,))."""
@@ -165,6 +169,13 @@ class ExpertParallelDispatcher:
         self.last_rows_sent = sum(send_W)
         self.last_rows_remote = self.last_rows_sent - send_W[self.rank]
 
+    def traffic_stats(self, expert_ids_TK, valid_T, *, simulated_devices=None, plain_ids_TK=None):
+        """The real sends of this rank (:func:`moe_plugin.dispatch.placement.traffic_stats`):
+        every token's home is this rank, expert e lives on rank e // L (the router's
+        ``simulated_devices`` plays no part)."""
+        home_T = torch.full((expert_ids_TK.shape[0],), self.rank, dtype=torch.long, device=expert_ids_TK.device)
+        return traffic_stats(expert_ids_TK, home_T, self.placement, valid_T, plain_ids_TK)
+
     def dispatch(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor):
         if expert_ids_TK.shape[1] > 1 and self.dedup:
             return self._dispatch_tokens(x_TD, expert_ids_TK)
@@ -180,7 +191,7 @@ class ExpertParallelDispatcher:
     def _dispatch_slots(self, x_TD, expert_ids_TK):
         W, L = self.world_size, self.num_local
         x_ND, counts_E, local_plan = self.local.dispatch(x_TD, expert_ids_TK)
-        counts_WL = counts_E.view(W, L)
+        counts_WL = counts_E.view(W, L)  # rank w holds experts w*L .. w*L+L-1 (ExpertPlacement)
         recv_WL, stamps_W = self._exchange_counts(counts_WL)
         # a single host sync for everything the exchange needs
         send_W, recv_W, stamps = torch.stack([counts_WL.sum(1), recv_WL.sum(1), stamps_W]).tolist()
@@ -212,14 +223,14 @@ class ExpertParallelDispatcher:
         dev = expert_ids_TK.device
         t_S, k_S = torch.nonzero(expert_ids_TK >= 0, as_tuple=True)  # kept slots, token order
         e_S = expert_ids_TK[t_S, k_S]
-        dest_S = torch.div(e_S, L, rounding_mode="floor")
+        dest_S = self.placement.device_of(e_S)
         # one pair per (destination, token): sorted by destination, then token
         pair_key_P, pair_S = torch.unique(dest_S * T + t_S, sorted=True, return_inverse=True)
         token_P = pair_key_P % T
         dest_P = torch.div(pair_key_P, T, rounding_mode="floor")
         P = pair_key_P.numel()
         local_PK = torch.full((P, K), -1, dtype=torch.long, device=dev)
-        local_PK[pair_S, k_S] = e_S - dest_S * L
+        local_PK[pair_S, k_S] = self.placement.local(e_S)
         pairs_W = torch.bincount(dest_P, minlength=W)
         recv_W1, stamps_W = self._exchange_counts(pairs_W.view(W, 1))
         send_W, recv_W, stamps = torch.stack([pairs_W, recv_W1[:, 0], stamps_W]).tolist()
@@ -250,62 +261,35 @@ class ExpertParallelDispatcher:
         return out_TD.index_add(0, plan.token_P, y_PD)
 
 
-def shard_experts(experts: nn.Module, num_experts: int, first: int, stop: int) -> nn.Module:
-    """A copy of a batched expert module keeping experts ``first .. stop-1``.
-
-    Every parameter and buffer must have the expert dimension first (E, ...): the
-    convention of :class:`moe_plugin.experts.ExpertBank`. ``num_experts`` attributes are
-    set to the local count.
-    """
-    local = copy.deepcopy(experts)
-    for mod in local.modules():
-        for name, p in list(mod.named_parameters(recurse=False)):
-            if p.dim() == 0 or p.shape[0] != num_experts:
-                raise ValueError(
-                    f"expert parallelism: parameter {name} of {type(mod).__name__} has shape "
-                    f"{tuple(p.shape)}, without the leading expert dimension {num_experts}; "
-                    "experts must be stored batched as (E, ...)"
-                )
-            setattr(mod, name, nn.Parameter(p.data[first:stop].clone(), requires_grad=p.requires_grad))
-        for name, b in list(mod.named_buffers(recurse=False)):
-            if b is not None and b.dim() > 0 and b.shape[0] == num_experts:
-                mod.register_buffer(name, b[first:stop].clone(), persistent=name not in mod._non_persistent_buffers_set)
-        if getattr(mod, "num_experts", None) == num_experts:
-            mod.num_experts = stop - first
-    return local
+def group_placement(num_experts: int, group=None) -> ExpertPlacement:
+    """This process's placement in torch.distributed's ``group`` (W = 1, rank 0 when not initialised)."""
+    return ExpertPlacement(num_experts, dist_world_size(group), dist_rank(group))
 
 
 def is_expert_parallel(layer) -> bool:
     return isinstance(getattr(layer, "dispatcher", None), ExpertParallelDispatcher)
 
 
-def make_expert_parallel(layer, group=None, world_size: Optional[int] = None, rank: Optional[int] = None):
-    """Turn an MoE layer holding all E experts into this rank's expert-parallel part, in place.
+def make_expert_parallel(experts: nn.Module, placement: ExpertPlacement, group=None) -> ExpertParallelDispatcher:
+    """Compose expert parallelism at build time: the dispatcher for a bank built with this
+    rank's experts only (``placement.per_rank`` of them, global ids ``placement.first ..``).
 
-    Keeps experts ``rank*E/W .. (rank+1)*E/W - 1`` (so with the same seed the experts are
-    initialised exactly as in a one-process run), installs the all-to-all dispatcher, marks
-    the expert parameters ``param.expert = True`` (fairseq's legacy_ddp then skips their
-    all-reduce and its gradient clipping computes the norm over shared parameters only)
-    and divides their gradients by W (see the module docstring). With W = 1 the layer keeps
-    every expert and its local dispatcher: nothing changes.
-
-    ``world_size``/``rank`` default to the torch.distributed group's (1/0 when not
-    initialised).
+    Marks the bank's parameters ``param.expert = True`` (fairseq's legacy_ddp then skips
+    their all-reduce and its gradient clipping computes the norm over shared parameters
+    only) and divides their gradients by W (see the module docstring). Nothing is copied
+    or sliced: a bank holding any other number of experts is an error.
     """
-    W = dist_world_size(group) if world_size is None else world_size
-    r = dist_rank(group) if rank is None else rank
-    E = layer.num_experts
-    dispatcher = ExpertParallelDispatcher(E, W, r, group)  # validates E % W
-    if W == 1:
-        return layer
-    first, stop = dispatcher.expert_range
-    layer.experts = shard_experts(layer.experts, E, first, stop)
-    layer.dispatcher = dispatcher
-    for p in layer.experts.parameters():
+    held = getattr(experts, "num_experts", None)
+    if held != placement.per_rank:
+        raise ValueError(
+            f"expert parallelism: the expert bank holds {held} experts, rank {placement.rank} of "
+            f"{placement.world_size} must hold {placement.per_rank}; build the bank for the placement"
+        )
+    for p in experts.parameters():
         p.expert = True
         if p.requires_grad:
-            p.register_hook(_GradScale(1.0 / W))
-    return layer
+            p.register_hook(_GradScale(1.0 / placement.world_size))
+    return ExpertParallelDispatcher.for_placement(placement, group)
 
 
 class _GradScale:

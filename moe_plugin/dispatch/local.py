@@ -21,6 +21,7 @@ from typing import Tuple
 
 import torch
 
+from moe_plugin.dispatch.placement import ExpertPlacement, simulated_homes, traffic_stats
 from moe_plugin.routing.interface import tokens_per_expert
 
 
@@ -36,6 +37,15 @@ class LocalDispatcher:
 
     def __init__(self, num_experts: int):
         self.num_experts = num_experts
+        self.placement = ExpertPlacement(num_experts)  # every expert here
+
+    def traffic_stats(self, expert_ids_TK, valid_T, *, simulated_devices: int, plain_ids_TK=None):
+        """Cross-device traffic (:func:`moe_plugin.dispatch.placement.traffic_stats`) as if
+        the experts lay on ``simulated_devices`` devices in contiguous blocks and the T rows
+        were split into as many equal contiguous blocks, block r living on device r."""
+        placement = ExpertPlacement(self.num_experts, simulated_devices)
+        home_T = simulated_homes(expert_ids_TK.shape[0], simulated_devices, expert_ids_TK.device)
+        return traffic_stats(expert_ids_TK, home_T, placement, valid_T, plain_ids_TK)
 
     def dispatch(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, DispatchPlan]:
         """-> (S rows sorted by expert, dropped last (S, D); kept rows per expert (E,); plan)."""

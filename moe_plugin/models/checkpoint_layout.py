@@ -35,6 +35,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from moe_plugin.dispatch.expert_parallel import FRESH, is_expert_parallel
+from moe_plugin.dispatch.placement import ExpertPlacement, describe_placement
 
 FORMAT = 1
 EXTRA_STATE_KEY = "_extra_state"
@@ -104,12 +105,9 @@ def _experts_prefixes(model) -> Dict[int, str]:
 
 
 def layer_placement(layer) -> Tuple[int, int, int, int]:
-    """(first expert, stop, world size, rank) of an MoE layer."""
-    if is_expert_parallel(layer):
-        d = layer.dispatcher
-        first, stop = d.expert_range
-        return first, stop, d.world_size, d.rank
-    return 0, layer.num_experts, 1, 0
+    """(first expert, stop, world size, rank) of an MoE layer (its :class:`ExpertPlacement`)."""
+    p: ExpertPlacement = layer.placement
+    return p.first, p.stop, p.world_size, p.rank
 
 
 def model_layout(model) -> dict:
@@ -136,14 +134,6 @@ def model_layout(model) -> dict:
         "params": [[n, bool(p.requires_grad)] for n, p in model.named_parameters()],
         "checksums": checksums(_state_tensors(model)),
     }
-
-
-def describe_placement(first: int, stop: int, num_experts: int, world: int, rank: int) -> str:
-    if world <= 1 and (first, stop) == (0, num_experts):
-        return f"all {num_experts} experts (1 worker)"
-    if rank < 0:
-        return f"experts {first}..{stop - 1} of {num_experts} (a shard of a {world}-worker expert-parallel run)"
-    return f"experts {first}..{stop - 1} of {num_experts} (expert-parallel rank {rank} of {world})"
 
 
 def reshard_command(world_size: int) -> str:

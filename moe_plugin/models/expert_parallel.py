@@ -8,12 +8,11 @@ fairseq
 * saves a checkpoint on every rank, not only on rank 0 (``Trainer.should_save_checkpoint_on_current_rank``),
 * loads each rank's own file instead of broadcasting rank 0's (``Trainer.load_checkpoint``).
 
-Every other rank-0-only path would lose the experts of ranks 1..W-1. So in expert-parallel
-mode the arch function adds 1 to ``base_layers`` when it parses the command line
-(:func:`prepare_args`), and ``MoELanguageModel.build_model`` hides that 1 from the decoder
-while it builds it (:func:`decoder_base_layers`): fairseq's own ``--base-layers N`` keeps
-its meaning (N extra BASE layers), and the checkpoint's cfg records N + 1 with
-``moe_expert_parallel = True``, which every later build reads the same way.
+Every other rank-0-only path would lose the experts of ranks 1..W-1. The value fairseq
+reads is derived from the explicit fields ``moe_base_layers`` and ``moe_expert_parallel``
+in one place, moe_plugin/models/base_layers.py (``moe_base_layers + 1`` in expert-parallel
+mode), on the command line and in a hydra config alike; :func:`check_rank_checkpoints`
+refuses a config that would still turn the switch off.
 
 The arch function also refuses what cannot work: a DDP backend that all-reduces every
 gradient (expert gradients must stay on their rank), an expert count not divisible by
@@ -25,7 +24,6 @@ drops ``param.expert``; ``--fp16-no-flatten-grads`` or the memory-efficient vari
 from __future__ import annotations
 
 import argparse
-import contextlib
 
 from moe_plugin.dispatch.all_to_all import world_size
 
@@ -34,11 +32,11 @@ EXPERT_AWARE_DDP = ("legacy_ddp", "no_c10d")
 
 
 def prepare_args(args) -> None:
-    """Validate expert-parallel options and add fairseq's per-rank checkpoint switch.
+    """Validate expert-parallel options against the rest of the command line.
 
-    Called by every moe_lm arch function. Acts only on the command line's Namespace
-    (the arch function runs again on the DictConfig when the model is built, and on the
-    saved cfg of a checkpoint, where the switch is already counted).
+    Called by every moe_lm arch function. Acts only on the command line's Namespace, which
+    holds fairseq's distributed and optimizer options (the arch function runs again on the
+    model's DictConfig when the model is built, and on the saved cfg of a checkpoint).
     """
     if not getattr(args, "moe_expert_parallel", False) or not isinstance(args, argparse.Namespace):
         return
@@ -75,25 +73,16 @@ def prepare_args(args) -> None:
             "parameters loses param.expert, so expert gradients would enter the gradient norm and the "
             "ranks' norms would disagree)"
         )
-    args.base_layers = int(getattr(args, "base_layers", 0) or 0) + 1
 
 
-@contextlib.contextmanager
-def decoder_base_layers(cfg):
-    """While building the decoder, ``cfg.base_layers`` is the user's own count."""
-    expert_parallel = bool(getattr(cfg, "moe_expert_parallel", False))
-    marked = expert_parallel and int(getattr(cfg, "base_layers", 0) or 0) > 0
-    if expert_parallel and not marked and world_size() > 1:
-        raise ValueError(
-            "--moe-expert-parallel: fairseq would save only rank 0's experts; its per-rank "
-            "checkpoints need base_layers > 0, which fairseq-train's command line adds by itself "
-            "(a hydra config must set model.base_layers: 1, counted as 0 extra BASE layers)"
-        )
-    if not marked:
-        yield
-        return
-    cfg.base_layers = int(cfg.base_layers) - 1
-    try:
-        yield
-    finally:
-        cfg.base_layers = int(cfg.base_layers) + 1
+def check_rank_checkpoints(cfg) -> None:
+    """At build time: expert parallelism on W > 1 ranks needs fairseq's per-rank checkpoints
+    (``base_layers > 0``, derived in moe_plugin/models/base_layers.py); a config that sets
+    ``base_layers: 0`` explicitly would save only rank 0's experts."""
+    if bool(getattr(cfg, "moe_expert_parallel", False)) and world_size() > 1:
+        if not int(getattr(cfg, "base_layers", 0) or 0) > 0:
+            raise ValueError(
+                f"--base-layers: {getattr(cfg, 'base_layers', None)!r} is not allowed with --moe-expert-parallel "
+                f"on {world_size()} workers; fairseq would save only rank 0's experts; allowed: leave it out "
+                "(it is derived from moe_base_layers and moe_expert_parallel), or moe_base_layers + 1"
+            )

@@ -13,47 +13,102 @@ fairseq's ``TransformerDecoder`` and extends it only through fairseq's hooks:
   shared with the MoE layers, so routers see ids aligned with the (T x B) hidden states,
   also under incremental decoding.
 
-Every routing scheme registers an arch (``switch_lm``, ``gshard_lm``, ...) from its router
-file; they all build this one model.
+Every routing scheme declares an arch (``switch_lm``, ``gshard_lm``, ...) in its router
+file; moe_plugin/models/archs.py registers them on this one model (and on a subclass of it
+for a router registered after this module was loaded: :func:`model_config_class`).
 """
 
 
-import argparse
 import dataclasses
+import typing
 from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 from fairseq import options
 from omegaconf import II
+from fairseq.dataclass.utils import gen_parser_from_dataclass
 from fairseq.distributed import fsdp_wrap
-from fairseq.models import register_model, register_model_architecture
+from fairseq.models import register_model
 from fairseq.models.transformer import TransformerConfig, TransformerDecoder
 from fairseq.models.transformer_lm import (
     DEFAULT_MAX_TARGET_POSITIONS,
     TransformerLanguageModel,
     TransformerLanguageModelConfig,
-    base_lm_architecture as fairseq_base_lm_architecture,
 )
 from fairseq.modules import AdaptiveInput, CharacterTokenEmbedder
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase
 
 from moe_plugin import config as moe_config
 from moe_plugin.moe_layer import MoELayer, build_moe_layer, checkpointed
+from moe_plugin.models import base_layers as base_glue
 from moe_plugin.models import checkpoint_layout as ep_layout, expert_parallel as ep_glue
 from moe_plugin.models import token_counts
-from moe_plugin.routing import ARCHS, ROUTER_REGISTRY, TokenInfo, VocabInfo
+from moe_plugin.routing import ROUTER_REGISTRY, TokenInfo, VocabInfo
 
 
-MoELanguageModelConfig = dataclasses.make_dataclass(
-    "MoELanguageModelConfig",
-    # the routers' random state follows fairseq's --seed (common.seed) unless a router's own
-    # seed option fixes it; an interpolation, so fairseq-train and hydra configs both fill it
-    [("moe_seed", Optional[int], dataclasses.field(default=II("common.seed"))),
-     # the split a frequency-balanced router counts its tokens in (moe_plugin/models/token_counts.py)
-     ("moe_train_subset", Optional[str], dataclasses.field(default=II("dataset.train_subset")))],
-    bases=(moe_config.MoEConfig, TransformerLanguageModelConfig),
-)
+#: OmegaConf resolver of an MoE option's default in the model dataclass: the value the arch
+#: named by the config's ``_name`` gives it (registered by moe_plugin/models/archs.py)
+ARCH_DEFAULT_RESOLVER = "moe_arch_default"
+
+
+def model_config_class() -> type:
+    """The model's config dataclass: fairseq's Transformer LM config, the current MoE options
+    (:func:`moe_plugin.config.moe_config_class`: the core's and every registered router's)
+    and the shell's own fields.
+
+    The default of every MoE option is the arch's: an interpolation
+    ``${moe_arch_default:${._name},FIELD}`` resolving to what the arch function of
+    ``model._name`` would fill (its router, its plain defaults, else the core default;
+    None for a default the arch computes from the whole config, which the arch function fills
+    when the model is built). fairseq's hydra path merges this dataclass's defaults into the
+    config *before* the arch function runs, and an arch function fills only unset fields, so
+    a plain default here would hide the arch's (``moe_router="switch"`` built Switch routers
+    for ``model._name: hyper_lm``). ``model._name: moe_lm`` gets the core defaults, and no
+    router: that config must name it. (``add_args`` generates the command-line options from
+    a copy without these defaults: :func:`parser_config_class`.)
+    """
+    moe_cls = moe_config.moe_config_class()
+    types = typing.get_type_hints(moe_cls)  # a router's options may use string annotations
+    moe_fields = []
+    for f in dataclasses.fields(moe_cls):
+        if f.name == "moe_seed":
+            continue
+        default = f"${{{ARCH_DEFAULT_RESOLVER}:${{._name}},{f.name}}}"
+        moe_fields.append((f.name, Optional[types[f.name]], dataclasses.field(default=default, metadata=dict(f.metadata))))
+    shell_fields = [
+        # the routers' random state follows fairseq's --seed (common.seed) unless a router's own
+        # seed option fixes it; an interpolation, so fairseq-train and hydra configs both fill it
+        ("moe_seed", Optional[int], dataclasses.field(default=II("common.seed"))),
+        # the split a frequency-balanced router counts its tokens in (moe_plugin/models/token_counts.py)
+        ("moe_train_subset", Optional[str], dataclasses.field(default=II("dataset.train_subset"))),
+        # BASE layers and fairseq's per-rank checkpoint switch (moe_plugin/models/base_layers.py)
+        ("moe_base_layers", Optional[int], dataclasses.field(default=None, metadata={
+            "help": "number of BASE layers inserted into the decoder (what fairseq's --base-layers N means; "
+                    "unset: --base-layers). In a hydra config write this, not base_layers"})),
+        ("base_layers", Optional[int], dataclasses.field(
+            default=base_glue.BASE_LAYERS_DEFAULT, metadata={
+                "help": "number of BASE layers (fairseq's option); in the saved config and a hydra config it is "
+                        "fairseq's per-rank checkpoint switch, derived: moe_base_layers + 1 with "
+                        "--moe-expert-parallel, else moe_base_layers (moe_plugin/models/base_layers.py)"})),
+    ]
+    return dataclasses.make_dataclass(
+        "MoELanguageModelConfig", moe_fields + shell_fields, bases=(TransformerLanguageModelConfig,)
+    )
+
+
+MoELanguageModelConfig = model_config_class()
+
+
+def parser_config_class(dc: type) -> type:
+    """``dc`` (a model config dataclass) with default None where its default is one of the
+    plugin's interpolations: fairseq's parser would make an interpolation default a string
+    option without its type or flag action (command-line defaults are deleted anyway: the
+    arch function fills them)."""
+    prefixes = ("${" + ARCH_DEFAULT_RESOLVER + ":", "${" + base_glue.RESOLVER + ":")
+    fields = [(f.name, f.type, dataclasses.field(default=None, metadata=dict(f.metadata)))
+              for f in dataclasses.fields(dc) if isinstance(f.default, str) and f.default.startswith(prefixes)]
+    return dataclasses.make_dataclass(dc.__name__, fields, bases=(dc,))
 
 
 class TokenContext:
@@ -165,10 +220,13 @@ class MoETransformerDecoder(TransformerDecoder):
         # set before fairseq's __init__, which calls build_decoder_layer once per layer
         self.moe_cfg = moe_cfg
         self.moe_layer_indices = moe_config.parse_moe_layers(moe_cfg, num_layers)
+        # BASE layers: the count the config asks for (moe_plugin/models/base_layers.py)
+        self.base_layer_count = base_glue.base_layer_count(args)
         self._layers_built = 0
         self.token_context = TokenContext(dictionary.pad())
         counts_V, source = None, "dict.txt"
-        if count_tokens is not None and ROUTER_REGISTRY[moe_cfg.moe_router].needs_token_counts(moe_cfg):
+        router_cls = ROUTER_REGISTRY.get(moe_cfg.moe_router)  # None: no MoE layer (dense_lm)
+        if count_tokens is not None and router_cls is not None and router_cls.needs_token_counts(moe_cfg):
             counts_V = count_tokens()
             source = "train split" if counts_V is not None else source
         if counts_V is None and getattr(dictionary, "count", None):
@@ -188,20 +246,12 @@ class MoETransformerDecoder(TransformerDecoder):
         # checkpointing is the layer's own (MoEDecoderLayer.forward), not fairseq's wrapper
         return fsdp_wrap(layer, min_num_params=cfg.min_params_to_wrap if not cfg.checkpoint_activations else 0)
 
-    # --- BASE layers (moe_plugin/base_layer.py) ------------------------------------------
     def build_output_projection(self, cfg, dictionary, embed_tokens):
-        """fairseq inserts its own BaseLayer (one expert per worker) here for --base-layers N;
-        moe_plugin hides N from it and inserts its own BASE layers at the same positions."""
-        from moe_plugin.base_layer import insert_base_layers
-
-        num_base = cfg.base_layers
-        cfg.base_layers = 0
-        try:
-            super().build_output_projection(cfg, dictionary, embed_tokens)
-        finally:
-            cfg.base_layers = num_base
-        insert_base_layers(self, cfg)
-    # --------------------------------------------------------------------------------------
+        """fairseq inserts its own BaseLayer (one expert per worker) here for base_layers > 0;
+        it is given a copy of ``cfg`` without them, and the plugin's BASE layers go in at the
+        same positions (moe_plugin/models/base_layers.py)."""
+        super().build_output_projection(base_glue.without_fairseq_base_layers(cfg), dictionary, embed_tokens)
+        base_glue.insert_base_layers(self, cfg, self.base_layer_count)
 
     def extract_features(self, prev_output_tokens, encoder_out=None, incremental_state=None, **kwargs):
         self.token_context.set(prev_output_tokens, incremental=incremental_state is not None)
@@ -214,6 +264,12 @@ class MoETransformerDecoder(TransformerDecoder):
 @register_model("moe_lm", dataclass=MoELanguageModelConfig)
 class MoELanguageModel(TransformerLanguageModel):
     """fairseq's Transformer LM with MoE FFNs in the layers chosen by --moe-freq / --moe-layers."""
+
+    @classmethod
+    def add_args(cls, parser):
+        """fairseq's hook for ``--arch``'s options (called at parse time): the options of this
+        model's registered config dataclass (:func:`parser_config_class`)."""
+        gen_parser_from_dataclass(parser, parser_config_class(getattr(cls, "__dataclass"))(), delete_default=True)
 
     @classmethod
     def build_model(cls, args, task):
@@ -246,12 +302,12 @@ class MoELanguageModel(TransformerLanguageModel):
             embed_tokens = cls.build_embedding(args, dictionary, args.decoder_input_dim)
         if args.tie_adaptive_weights and not args.adaptive_input:
             raise ValueError("--tie-adaptive-weights: requires --adaptive-input")
-        with ep_glue.decoder_base_layers(args):  # expert parallelism: moe_plugin/models/expert_parallel.py
-            decoder = MoETransformerDecoder(
-                args, task.target_dictionary, embed_tokens, no_encoder_attn=True,
-                count_tokens=lambda: token_counts.training_token_counts(
-                    task, getattr(args, "moe_train_subset", None), len(task.target_dictionary)),
-            )
+        ep_glue.check_rank_checkpoints(args)  # expert parallelism: moe_plugin/models/expert_parallel.py
+        decoder = MoETransformerDecoder(
+            args, task.target_dictionary, embed_tokens, no_encoder_attn=True,
+            count_tokens=lambda: token_counts.training_token_counts(
+                task, getattr(args, "moe_train_subset", None), len(task.target_dictionary)),
+        )
         return cls(decoder)
 
     # Checkpoint layout (expert count, router, which experts this rank holds): saved as the
@@ -280,37 +336,6 @@ class MoELanguageModel(TransformerLanguageModel):
         return out
 
 
-def _refuse_moe_options(arch_name: str, args) -> None:
-    """The dense baseline has no MoE layer: refuse every option that would add one (in every
-    pass of the arch function) and, on the command line, every other MoE option the user gave
-    (it would have no effect). A command line's Namespace holds only the flags the user gave
-    (fairseq parses model options without defaults); a DictConfig (hydra, a checkpoint's cfg)
-    holds every field, so there only the options that add MoE layers are checked."""
-    moe_archs = f"an MoE arch ({', '.join(sorted(ARCHS))})"
-    placement = (
-        ("moe_layers", lambda v: v not in (None, "")),
-        ("moe_freq", lambda v: v not in (None, 0)),
-        ("base_layers", lambda v: v not in (None, 0)),
-        ("moe_expert_parallel", bool),
-    )
-    for name, adds_layers in placement:
-        value = getattr(args, name, None)
-        if adds_layers(value):
-            hint = f" (in a hydra config: model.{name}: 0)" if name == "moe_freq" else ""
-            raise ValueError(
-                f"--{name.replace('_', '-')}: {value!r} is not allowed with --arch {arch_name}, the dense "
-                f"baseline without MoE layers{hint}; allowed: unset (no MoE layer), or use {moe_archs}"
-            )
-    if isinstance(args, argparse.Namespace):
-        checked = {name for name, _ in placement} | {"moe_seed"}  # moe_seed: filled from --seed
-        for f in dataclasses.fields(moe_config.MoEConfig):
-            if f.name not in checked and getattr(args, f.name, None) is not None:
-                raise ValueError(
-                    f"--{f.name.replace('_', '-')}: {getattr(args, f.name)!r} has no effect with --arch "
-                    f"{arch_name}, the dense baseline without MoE layers; allowed: leave it unset, or use {moe_archs}"
-                )
-
-
 def refuse_unsupported(args) -> None:
     """fairseq features the MoE archs cannot honour: one ValueError at build time.
 
@@ -334,44 +359,3 @@ def refuse_unsupported(args) -> None:
             "no_c10d (expert parallelism needs one of these), c10d, pytorch_ddp (FSDP shards every "
             "parameter over the ranks, which per-rank experts and frozen router parameters do not survive)"
         )
-
-
-def _make_arch(arch_name: str, router: Optional[str], defaults: dict):
-    """Register ``arch_name`` on moe_lm: its router and default options, then the MoE core
-    defaults and fairseq's ``base_lm_architecture``, which every arch (dense_lm included)
-    shares. ``router=None``: the dense baseline (no MoE layer, MoE options refused)."""
-
-    def arch(args):
-        if router is None:
-            _refuse_moe_options(arch_name, args)
-        # the arch names its router unless the user chose one with --moe-router
-        elif getattr(args, "moe_router", None) is None:
-            args.moe_router = router
-        for name, value in defaults.items():
-            if getattr(args, name, None) is None:
-                # a callable default is computed from the args (e.g. hash_lm's one MoE layer)
-                setattr(args, name, value(args) if callable(value) else value)
-        # defaults a router computes from the whole command line (the top-K routers: their
-        # schedule, whose length defaults to --max-update; moe_plugin/routing/_topk.py)
-        complete = getattr(ROUTER_REGISTRY.get(getattr(args, "moe_router", None)), "complete_arch_args", None)
-        if complete is not None:
-            complete(args)
-        for f in dataclasses.fields(moe_config.MoEConfig):
-            if getattr(args, f.name, None) is None and f.default is not None:
-                setattr(args, f.name, f.default)
-        fairseq_base_lm_architecture(args)
-        refuse_unsupported(args)
-        ep_glue.prepare_args(args)
-
-    arch.__name__ = f"{arch_name}_architecture"
-    register_model_architecture("moe_lm", arch_name)(arch)
-    return arch
-
-
-ARCH_FUNCTIONS = {name: _make_arch(name, router, defaults) for name, (router, defaults) in ARCHS.items()}
-# The dense baseline of the MoE archs: this model without MoE layers, with their defaults
-# (pre-LN, a final LayerNorm, input/output dims = --decoder-embed-dim: fairseq's
-# base_lm_architecture). fairseq's own `--arch transformer_lm` differs: its arch function is a
-# no-op, so its dataclass defaults apply (post-LN, no final LayerNorm, 512-wide input/output
-# dims with projections); see docs/fidelity.md, section dense.
-ARCH_FUNCTIONS[moe_config.DENSE_ARCH] = _make_arch(moe_config.DENSE_ARCH, None, {"moe_freq": 0})

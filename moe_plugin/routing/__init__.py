@@ -1,4 +1,4 @@
-"""Routers: one file per scheme, each registering itself (and its options and arch) on import.
+"""Routers: one file per scheme, each registering itself (its options and its arch, as plain data) on import.
 
 Every module of this package is imported here, so a new scheme is one new file.
 """
@@ -7,8 +7,6 @@ import importlib
 import pkgutil
 
 from moe_plugin.routing.interface import (  # noqa: F401
-    ARCHS,
-    DEMO_ARGS,
     DROPPED,
     ROUTER_OPTIONS,
     ROUTER_REGISTRY,
@@ -17,6 +15,7 @@ from moe_plugin.routing.interface import (  # noqa: F401
     TokenInfo,
     VocabInfo,
     build_router,
+    on_register,
     register_router,
 )
 

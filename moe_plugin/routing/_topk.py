@@ -66,7 +66,6 @@ since none of the three methods uses one. Extra stat ``top_k`` (the K in use) is
 layer as ``moe_l{i}_top_k``.
 """
 
-import math
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
@@ -74,17 +73,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from moe_plugin.routing.interface import (
-    DROPPED,
-    Router,
-    RouterOutput,
-    TokenInfo,
-    capacity,
-    limit_capacity,
-    router_z_loss,
-    routing_entropy,
-    switch_balance_loss,
-)
+from moe_plugin.routing._softmax import Selection, SoftmaxRouter
 
 #: the reference's ``--dynamic_moe_mode`` values (``new_utils.py`` ``calculate_gate_number``), and none
 SCHEDULES = (
@@ -298,9 +287,11 @@ def set_eval_top_k(model: nn.Module, k: int) -> int:
     return n
 
 
-class TopKSoftmaxRouter(Router):
-    """Base: subclasses implement :meth:`logits` (``x_TD -> logits_TE``); this class picks
-    the top-K logits, softmaxes them, applies the optional capacity and reports stats."""
+class TopKSoftmaxRouter(SoftmaxRouter):
+    """Top-K over the logits with a scheduled K, on the softmax skeleton
+    (``moe_plugin/routing/_softmax.py``): subclasses make the logits (a ``self.gate``
+    ``nn.Linear`` by default); this class picks the K in use and the top-K logits, and
+    softmaxes those K values."""
 
     #: whether the Switch balance loss is returned (subclasses set it from their options)
     balance_loss: bool = False
@@ -326,9 +317,6 @@ class TopKSoftmaxRouter(Router):
         self.schedule_updates = cfg.moe_top_k_schedule_updates
         self.eval_top_k = cfg.moe_eval_top_k
         self.top_k = cfg.moe_top_k  # the fixed training K (used without a schedule)
-        self.use_fp32 = cfg.moe_gating_use_fp32
-        self.capacity_factor = cfg.moe_capacity_factor
-        self.eval_capacity_factor = cfg.moe_eval_capacity_factor
         # updates done so far: set by fairseq through set_num_updates, saved in the state_dict
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
         self._num_updates = 0  # python mirror: no device sync per forward
@@ -362,33 +350,11 @@ class TopKSoftmaxRouter(Router):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._num_updates = int(self.num_updates)
 
-    # --- routing ----------------------------------------------------------------------
-    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        """-> logits_TE (fp32 unless --moe-no-gating-fp32)."""
-        raise NotImplementedError
+    # --- the skeleton's hooks ----------------------------------------------------------
+    def select(self, probs_TE: torch.Tensor, logits_TE: torch.Tensor, top_k: int) -> Selection:
+        """The K largest logits; combine weights = softmax over those K values only."""
+        top_TK, expert_ids_TK = logits_TE.topk(top_k, dim=-1, largest=True, sorted=True)
+        return Selection(expert_ids_TK, torch.softmax(top_TK, dim=-1))
 
-    def forward(self, x_TD: torch.Tensor, *, tokens: Optional[TokenInfo] = None) -> RouterOutput:
-        T = x_TD.shape[0]
-        if tokens is not None:
-            valid_T = ~tokens.pad_mask_T
-            num_valid = valid_T.sum()  # a tensor: the capacity is computed on the device
-        else:
-            valid_T = torch.ones(T, dtype=torch.bool, device=x_TD.device)
-            num_valid = T
-        K = self.top_k
-        logits_TE = self.logits(x_TD)
-        top_TK, expert_ids_TK = logits_TE.topk(K, dim=-1, largest=True, sorted=True)
-        weights_TK = torch.softmax(top_TK, dim=-1)
-        # padding tokens are not routed: they take no capacity and produce nothing
-        expert_ids_TK = expert_ids_TK.masked_fill(~valid_T.unsqueeze(-1), DROPPED)
-        factor = self.capacity_factor if self.training else self.eval_capacity_factor
-        cap = None if math.isinf(factor) else capacity(num_valid, self.num_experts, K, factor)
-        routed_TK, weights_TK, stats = limit_capacity(expert_ids_TK, weights_TK, self.num_experts, cap)
-
-        probs_TE = torch.softmax(logits_TE, dim=-1)
-        aux = {"z": router_z_loss(logits_TE, valid_T)}
-        if self.balance_loss:
-            aux["balance"] = switch_balance_loss(probs_TE, expert_ids_TK[:, 0].clamp(min=0), valid_T)
-        stats["entropy"] = routing_entropy(probs_TE.detach(), valid_T)
-        stats["top_k"] = torch.tensor(float(K))
-        return RouterOutput(routed_TK, weights_TK.to(x_TD.dtype), aux, stats)
+    def extra_stats(self, probs_TE, chosen_TK, routed_TK, valid_T, sel, aux):
+        return {"top_k": torch.tensor(float(chosen_TK.shape[1]))}

@@ -44,7 +44,9 @@ within 0.025 % of the optimum and above fairseq's libbase.
 
 Which experts get the extra token when E does not divide T: the ``T mod E`` experts most
 demanded at the starting prices (ties: lower index). This is a choice (the exact optimum
-over both choices is a slightly larger problem); it keeps loads within one token.
+over both choices is a slightly larger problem); it keeps loads within one token. The
+certificate above is for these loads: another choice of the experts that take the extra
+tokens can score higher, and a warm start (other starting prices) may choose other ones.
 """
 
 import contextlib
@@ -55,7 +57,8 @@ from typing import Optional
 
 import torch
 
-from moe_plugin.routing.interface import DROPPED, Router, RouterOutput, TokenInfo, register_router, routing_entropy
+from moe_plugin.losses import routing_entropy
+from moe_plugin.routing.interface import DROPPED, Router, RouterOutput, TokenInfo, register_router
 
 NEG_INF = float("-inf")
 POS_INF = float("inf")

@@ -29,12 +29,11 @@ choices before capacity.
 """
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 
-from moe_plugin.routing.interface import DROPPED, RouterOutput, TokenInfo, register_router
-from moe_plugin.routing.softmax_topk import LinearGateRouter
+from moe_plugin.routing._softmax import LinearGateRouter, Selection
+from moe_plugin.routing.interface import DROPPED, register_router
 
 SECOND_EXPERT_POLICIES = ("all", "sampling", "random")
 
@@ -59,6 +58,11 @@ class GShardOptions:
     arch_defaults={"moe_top_k": 2, "moe_capacity_factor": 1.0},
 )
 class GShardRouter(LinearGateRouter):
+    # route in the gate's precision (fp32 under --moe-gating-use-fp32, x's dtype otherwise),
+    # jitter included, so that the renormalisation runs before the cast to x's dtype, as in
+    # top2gating
+    jitter_in_gate_precision = True
+
     def __init__(self, cfg, model_dim, **kwargs):
         super().__init__(cfg, model_dim, **kwargs)
         self.top_k = 2
@@ -79,9 +83,10 @@ class GShardRouter(LinearGateRouter):
                 f"allowed: {', '.join(SECOND_EXPERT_POLICIES)}"
             )
 
-    def select(self, probs_TE, logits_TE):
+    def select(self, probs_TE, logits_TE, top_k):
         """-> ids (T, 2) and the weights capacity will mask: normalised gate values when
-        normalising before dropping, raw ones otherwise (:meth:`forward` normalises them)."""
+        normalising before dropping, raw ones otherwise (:meth:`combine_weights` normalises
+        them after dropping)."""
         g1_T, e1_T = probs_TE.max(dim=-1)
         first_TE = torch.nn.functional.one_hot(e1_T, self.num_experts).bool()
         policy = self.second_expert_policy if self.training else "all"
@@ -99,16 +104,12 @@ class GShardRouter(LinearGateRouter):
         if policy == "random":
             keep_T = 2.0 * g2_T > torch.rand_like(g2_T)
             e2_T = torch.where(keep_T, e2_T, torch.full_like(e2_T, DROPPED))
-        return torch.stack([e1_T, e2_T], dim=1), torch.stack([g1_T, g2_T], dim=1)
+        return Selection(torch.stack([e1_T, e2_T], dim=1), torch.stack([g1_T, g2_T], dim=1))
 
-    def forward(self, x_TD: torch.Tensor, *, tokens: Optional[TokenInfo] = None) -> RouterOutput:
-        # route in the gate's precision (fp32 under --moe-gating-use-fp32, x's dtype otherwise)
-        # so that the renormalisation below runs before the cast to x's dtype, as in top2gating
-        x_gate_TD = x_TD.float() if self.use_fp32 else x_TD
-        out = super().forward(x_gate_TD, tokens=tokens)
-        w_TK = out.weights_TK  # capacity-dropped slots (and padding) are 0 already
-        if not self.normalize_before_dropping:
-            denom_T1 = w_TK.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(w_TK.dtype).eps)
-            w_TK = w_TK / denom_T1
-        out.weights_TK = w_TK.to(x_TD.dtype)
-        return out
+    def combine_weights(self, weights_TK):
+        """Normalising after dropping (the default): ``w_k = g_k m_k / max(g1 m1 + g2 m2, eps)``
+        over the kept slots (capacity-dropped slots and padding are 0 already)."""
+        if self.normalize_before_dropping:
+            return weights_TK
+        denom_T1 = weights_TK.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(weights_TK.dtype).eps)
+        return weights_TK / denom_T1

@@ -45,7 +45,7 @@ decoding route exactly as training did, whatever the global RNG or the files at 
 * ``position``  hash i: (t + i * floor(t / E)) mod E, t = 0-based position in the sequence
                 (hash 0 is t mod E; hashes i > 0 partition positions differently).
 * ``clustered`` / ``dispersed``: table[x_t] read from ``--hash-table FILE`` written by
-                ``scripts/hash_kmeans_table.py`` (k-means over the input embeddings of a
+                ``python -m moe_plugin.tools.hash_kmeans`` (k-means over the input embeddings of a
                 trained model; clustered: one cluster per expert; dispersed: every cluster
                 spread evenly over the experts). Once trained, the table lives in the
                 checkpoint: evaluating it does not need the file.
@@ -68,7 +68,7 @@ the hidden dim F into N contiguous segments F_1..F_N and the model dim D into D_
 i.e. both weight matrices are split along their output dimension; hash i picks whose
 segment computes output segment i, and the segments' outputs are concatenated (the second
 layer sees the whole hidden vector). A token costs exactly one expert FFN; N = 1 is the
-plain Hash layer. Computed by ``_multihash.HashMoELayer`` (2N grouped matmuls).
+plain Hash layer. Computed by ``moe_plugin.experts.SegmentedExpertBank`` (2N grouped matmuls).
 
 Placement (arch ``hash_lm``): the paper puts a **single** Hash layer in the decoder (the
 authors' code: ``--hash-layer 7``, the 8th of the paper's 11 layers). hash_lm's default is
@@ -122,7 +122,7 @@ class HashOptions:
     )
     hash_table: str = field(
         default="",
-        metadata={"help": "hash_lm: table file for --hash-type clustered|dispersed (scripts/hash_kmeans_table.py)"},
+        metadata={"help": "hash_lm: table file for --hash-type clustered|dispersed (moe_plugin.tools.hash_kmeans)"},
     )
     hash_multi: int = field(
         default=1,
@@ -397,7 +397,7 @@ class HashRouter(Router):
         if cfg.hash_type in FILE_TYPES and not cfg.hash_table:
             raise ValueError(
                 f"--hash-table: a table file is required by --hash-type {cfg.hash_type}; "
-                "write one with scripts/hash_kmeans_table.py"
+                "write one with python -m moe_plugin.tools.hash_kmeans"
             )
         if cfg.hash_table and cfg.hash_type not in FILE_TYPES:
             raise ValueError(
@@ -448,7 +448,7 @@ class HashRouter(Router):
         if self._table_pending:
             raise ValueError(
                 f"--hash-table: {self.table_path!r} does not exist, and no checkpoint supplied the "
-                f"{t} table; write it with scripts/hash_kmeans_table.py"
+                f"{t} table; write it with python -m moe_plugin.tools.hash_kmeans"
             )
         if t in ("random", "balanced", "clustered", "dispersed"):
             key_T = tokens.ids_T
@@ -495,14 +495,13 @@ class HashRouter(Router):
                 stats[f"share_e{e}"] = share_E[e]
         return stats
 
-    # -- the MoE layer this router needs -------------------------------------------------
+    # -- the experts this router needs (declared; moe_plugin.moe_layer.build_moe_layer reads them) --
 
-    def make_layer(self, experts):
-        """The MoE layer for this router (``build_moe_layer`` asks): None = the standard
-        :class:`MoELayer` (N = 1, no expert norm); otherwise ``_multihash.HashMoELayer``."""
-        if self.num_hashes == 1 and not self.expert_norm:
-            return None
-        # imported here: moe_layer imports this package, so a module-level import would be circular
-        from moe_plugin.routing._multihash import HashMoELayer
+    @property
+    def expert_variant(self) -> str:
+        """MultiHash (N > 1) needs the segmented bank (moe_plugin.experts.SegmentedExpertBank)."""
+        return "segmented" if self.num_hashes > 1 else "ffn"
 
-        return HashMoELayer(self, experts, expert_norm=self.expert_norm)
+    @property
+    def expert_segments(self) -> int:
+        return self.num_hashes

@@ -153,8 +153,4 @@ class HyperRouter(TopKSoftmaxRouter):
 
     def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
         W_ED, b_E = self.generate()
-        if self.use_fp32:
-            x_TD = x_TD.float()
-        else:
-            W_ED, b_E = W_ED.to(x_TD.dtype), b_E.to(x_TD.dtype)
-        return nn.functional.linear(x_TD, W_ED, b_E)
+        return self.gate_logits(x_TD, W_ED, b_E)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from typing import Callable, Dict, List, Optional, Tuple, Type
+from typing import Callable, Dict, List, Optional, Type
 
 import torch
 import torch.nn as nn
@@ -75,12 +75,17 @@ class RouterOutput:
                    the criterion weights them.
     stats:         detached tensors for logging; ``tokens_per_expert`` (E,) is always
                    present and counts the routed (kept) slots of non-padding tokens.
+    plain_topk_ids_TK: only from a router that reports cross-device traffic
+                   (:attr:`Router.simulated_devices`): the ids plain top-K routing of the
+                   same probabilities would choose (padding ``DROPPED``, no gradient), which
+                   the dispatcher's traffic statistics compare against (``topk_xdev_frac``).
     """
 
     expert_ids_TK: torch.Tensor
     weights_TK: torch.Tensor
     aux_losses: Dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     stats: Dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    plain_topk_ids_TK: Optional[torch.Tensor] = None
 
 
 class Router(nn.Module):
@@ -95,6 +100,21 @@ class Router(nn.Module):
     name: str = "?"
     #: whether the router needs :class:`TokenInfo` (hash routing does).
     needs_tokens: bool = False
+    #: a router whose cross-device traffic is logged (SAM): the number of devices the local
+    #: dispatcher simulates (the expert-parallel one reports the real sends); None: not logged.
+    #: ``moe_plugin/dispatch/placement.py`` ``traffic_stats``.
+    simulated_devices: Optional[int] = None
+    #: the arch declared by :func:`register_router` (None: no arch), its defaults and demo flags
+    arch_name: Optional[str] = None
+    arch_defaults: Dict[str, object] = {}
+    arch_demo_args: List[str] = []
+    #: the expert bank this router's output needs (``moe_plugin.experts.EXPERT_VARIANTS``):
+    #: "ffn" (every kept slot runs one whole expert FFN) or "segmented" (MultiHash: column i
+    #: of ``expert_ids_TK`` picks the expert of segment i of ``expert_segments``).
+    expert_variant: str = "ffn"
+    expert_segments: int = 1
+    #: ``LN(x + experts(x))`` with one LayerNorm shared by the layer's experts (``moe_layer``).
+    expert_norm: bool = False
 
     def __init__(self, cfg, model_dim: int, *, vocab: Optional[VocabInfo] = None, layer_index: Optional[int] = None):
         super().__init__()
@@ -137,10 +157,14 @@ class Router(nn.Module):
 ROUTER_REGISTRY: Dict[str, Type[Router]] = {}
 #: router name -> its option dataclass (fields become --flags of the MoE archs)
 ROUTER_OPTIONS: Dict[str, type] = {}
-#: fairseq arch name -> (router name, default option values of that arch)
-ARCHS: Dict[str, Tuple[str, Dict[str, object]]] = {}
-#: fairseq arch name -> extra fairseq-train arguments ``make demo`` adds for it
-DEMO_ARGS: Dict[str, List[str]] = {}
+#: called with the router class after every registration (the fairseq shell listens, so that
+#: a router registered after the shell was loaded still gets its arch: moe_plugin/models/archs.py)
+_REGISTRATION_LISTENERS: List[Callable[[Type[Router]], None]] = []
+
+
+def on_register(listener: Callable[[Type[Router]], None]) -> None:
+    """Call ``listener(cls)`` for every router registered from now on."""
+    _REGISTRATION_LISTENERS.append(listener)
 
 
 def register_router(
@@ -151,24 +175,35 @@ def register_router(
     arch_defaults: Optional[Dict[str, object]] = None,
     demo_args: Optional[List[str]] = None,
 ) -> Callable[[Type[Router]], Type[Router]]:
-    """Class decorator: register a router, its option dataclass and its fairseq arch name.
+    """Class decorator: register a router, its option dataclass and the name of its arch.
 
-    ``arch_defaults`` are the arch's defaults for MoE options (a user's flag wins);
-    ``demo_args`` are extra fairseq-train flags ``make demo`` passes for the arch (the
-    demo trains every registered arch, so a new router joins it by registering); the demo
-    replaces ``{max_update}`` in them by its number of updates.
+    Works from any module, inside the package or outside it (a researcher's ``--user-dir``):
+    the router joins :data:`ROUTER_REGISTRY`, its options join the config
+    (:func:`moe_plugin.config.moe_config_class`) and the shell builds its arch.
+
+    The arch is declared here as plain data, kept on the class (``arch_name``,
+    ``arch_defaults``, ``arch_demo_args``); the fairseq shell turns it into a fairseq arch
+    (moe_plugin/models/archs.py). ``arch_defaults`` are the arch's defaults for MoE options (a
+    user's flag wins; a callable is computed from the config); ``demo_args`` are extra
+    fairseq-train flags ``make demo`` passes for the arch (the demo trains every registered
+    arch, so a new router joins it by registering); the demo replaces ``{max_update}`` in them
+    by its number of updates.
     """
 
     def wrap(cls: Type[Router]) -> Type[Router]:
         if name in ROUTER_REGISTRY:
             raise ValueError(f"router {name!r} is registered twice")
+        if options is not None and not dataclasses.is_dataclass(options):
+            raise ValueError(f"register_router({name!r}): options={options!r} is not a dataclass")
         cls.name = name
+        cls.arch_name = arch
+        cls.arch_defaults = dict(arch_defaults or {})
+        cls.arch_demo_args = list(demo_args or [])
         ROUTER_REGISTRY[name] = cls
         if options is not None:
             ROUTER_OPTIONS[name] = options
-        if arch is not None:
-            ARCHS[arch] = (name, dict(arch_defaults or {}))
-            DEMO_ARGS[arch] = list(demo_args or [])
+        for listener in list(_REGISTRATION_LISTENERS):
+            listener(cls)
         return cls
 
     return wrap
@@ -180,7 +215,7 @@ def build_router(cfg, model_dim: int, *, vocab: Optional[VocabInfo] = None, laye
 
 
 # ----------------------------------------------------------------------------------------
-# Helpers shared by the softmax routers (switch, gshard, and the top-k family).
+# Capacity helpers shared by the routers (the aux losses are in moe_plugin/losses.py).
 # ----------------------------------------------------------------------------------------
 
 
@@ -199,6 +234,22 @@ def capacity(num_tokens, num_experts: int, top_k: int, factor: float):
     if math.isinf(factor):
         return max(num_tokens * top_k, 1)
     return max(int(math.ceil(factor * top_k * num_tokens / num_experts)), 1)
+
+
+def per_slot_capacity(num_tokens, num_experts: int, top_k: int, factor: float):
+    """Slots per expert ``K * ceil(factor * T / E)`` (Hetu's SAM gate: ``k * ceil((T / E) *
+    capacity_factor)``; SAM's ``--sam-capacity-rounding per_slot``).
+
+    Like :func:`capacity`, ``num_tokens`` may be a 0-dim tensor (no host sync; the result is
+    then a tensor equal to the int formula); ``factor = inf`` means no limit (K * T).
+    """
+    if isinstance(num_tokens, torch.Tensor):
+        n = num_tokens.to(torch.float64)
+        per_slot = n if math.isinf(factor) else torch.ceil(n / num_experts * factor)
+        return (per_slot.clamp(min=1) * top_k).long()
+    if math.isinf(factor):
+        return max(num_tokens, 1) * top_k
+    return max(int(math.ceil(num_tokens / num_experts * factor)), 1) * top_k
 
 
 def apply_capacity(expert_ids_TK: torch.Tensor, num_experts: int, cap) -> torch.Tensor:
@@ -238,31 +289,3 @@ def tokens_per_expert(expert_ids_TK: torch.Tensor, num_experts: int) -> torch.Te
     ids = expert_ids_TK.reshape(-1)
     counts_E = torch.zeros(num_experts, dtype=torch.long, device=ids.device)
     return counts_E.scatter_add_(0, ids.clamp(min=0), (ids >= 0).long())
-
-
-def switch_balance_loss(probs_TE: torch.Tensor, top1_T: torch.Tensor, valid_T: torch.Tensor) -> torch.Tensor:
-    """Switch Transformer load-balancing loss ``E * sum_e f_e * P_e`` (Fedus et al., eq. 4).
-
-    f_e: fraction of valid tokens whose first choice is e (before capacity dropping);
-    P_e: mean router probability of e over valid tokens. Equals 1.0 for uniform routing.
-    """
-    E = probs_TE.shape[-1]
-    w_T = valid_T.to(probs_TE.dtype)
-    n = w_T.sum().clamp(min=1.0)
-    f_E = torch.zeros(E, dtype=probs_TE.dtype, device=probs_TE.device).index_add_(0, top1_T, w_T) / n
-    P_E = (probs_TE * w_T.unsqueeze(-1)).sum(0) / n
-    return E * (f_E.detach() * P_E).sum()
-
-
-def router_z_loss(logits_TE: torch.Tensor, valid_T: torch.Tensor) -> torch.Tensor:
-    """ST-MoE router z-loss: mean over valid tokens of logsumexp(logits)^2."""
-    z_T = torch.logsumexp(logits_TE, dim=-1).pow(2)
-    w_T = valid_T.to(z_T.dtype)
-    return (z_T * w_T).sum() / w_T.sum().clamp(min=1.0)
-
-
-def routing_entropy(probs_TE: torch.Tensor, valid_T: torch.Tensor) -> torch.Tensor:
-    """Mean entropy (nats) of the router distribution over valid tokens."""
-    ent_T = -(probs_TE * torch.log(probs_TE.clamp(min=1e-9))).sum(-1)
-    w_T = valid_T.to(ent_T.dtype)
-    return (ent_T * w_T).sum() / w_T.sum().clamp(min=1.0)

@@ -62,8 +62,3 @@ class SMoEDropoutRouter(TopKSoftmaxRouter):
     @staticmethod
     def validate(cfg) -> None:
         validate_top_k_options(cfg, "smoe_dropout")
-
-    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        if self.use_fp32:
-            return nn.functional.linear(x_TD.float(), self.gate.weight.float())
-        return self.gate(x_TD)

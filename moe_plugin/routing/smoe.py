@@ -59,8 +59,3 @@ class SMoERouter(TopKSoftmaxRouter):
     @staticmethod
     def validate(cfg) -> None:
         validate_top_k_options(cfg, "smoe")
-
-    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        if self.use_fp32:
-            return nn.functional.linear(x_TD.float(), self.gate.weight.float(), self.gate.bias.float())
-        return self.gate(x_TD)

@@ -6,18 +6,18 @@ the load-balancing loss ``E * sum_e f_e P_e`` and the optional router z-loss (we
 the criterion). Options: ``--moe-jitter-eps`` multiplies the router input by U(1-eps, 1+eps)
 in training.
 
-Router weights (``LinearGateRouter``, shared with gshard and sam): ``--moe-router-init
-switch`` (default) is the paper's Sec. 2.4 initialisation, a truncated normal with std
-sqrt(s / D), s = ``--moe-router-init-scale`` = 0.1, cut at 2 std; ``linear`` is nn.Linear's
-default, what fairseq's moe-branch gates get. The router input is cast to float32
+Router weights (``LinearGateRouter`` of ``moe_plugin/routing/_softmax.py``, the softmax
+skeleton shared with gshard and sam): ``--moe-router-init switch`` (default) is the paper's
+Sec. 2.4 initialisation, a truncated normal with std sqrt(s / D), s =
+``--moe-router-init-scale`` = 0.1, cut at 2 std; ``linear`` is nn.Linear's default, what
+fairseq's moe-branch gates get. The router input is cast to float32
 (``--moe-gating-use-fp32``, the paper's "selective precision", Sec. 2.4).
 """
 
 from dataclasses import dataclass, field
 
-
+from moe_plugin.routing._softmax import LinearGateRouter, Selection
 from moe_plugin.routing.interface import register_router
-from moe_plugin.routing.softmax_topk import LinearGateRouter
 
 
 @dataclass
@@ -46,6 +46,7 @@ class SwitchRouter(LinearGateRouter):
         if not 0.0 <= cfg.moe_jitter_eps < 1.0:
             raise ValueError(f"--moe-jitter-eps: {cfg.moe_jitter_eps} is not allowed; allowed: 0 <= eps < 1")
 
-    def select(self, probs_TE, logits_TE):
+    def select(self, probs_TE, logits_TE, top_k):
+        """The most probable expert, weighted by its probability."""
         weight_T1, expert_T1 = probs_TE.max(dim=-1, keepdim=True)
-        return expert_T1, weight_T1
+        return Selection(expert_T1, weight_T1)

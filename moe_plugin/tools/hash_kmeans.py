@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Hash tables from k-means over a trained model's input embeddings (Roller et al. 2021, Sec. 4).
 
 Reads the input embedding matrix (V x D, ``decoder.embed_tokens.weight``) of a fairseq
@@ -17,19 +16,15 @@ clustered|dispersed``):
 seeds seed, seed+1, ...; dispersed columns also shift the round-robin start.
 
 Example:
-  python scripts/hash_kmeans_table.py CKPT --experts 8 --type clustered --out clustered.txt
+  python -m moe_plugin.tools.hash_kmeans CKPT --experts 8 --type clustered --out clustered.txt
   fairseq-train DATA --user-dir moe_plugin --arch hash_lm --hash-type clustered \\
       --hash-table clustered.txt --moe-expert-count 8 ...
 """
 
 import argparse
-import os
-import sys
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 def load_embeddings(path: str, key: str = "") -> np.ndarray:
@@ -132,7 +127,7 @@ def main(argv=None):
     )
     write_table_file(args.out, torch.from_numpy(table), header)
     loads = np.bincount(table[:, 0], minlength=args.experts)
-    print(f"[hash_kmeans_table] wrote {args.out}: {table.shape[0]} tokens x {table.shape[1]} hash(es); "
+    print(f"[hash_kmeans] wrote {args.out}: {table.shape[0]} tokens x {table.shape[1]} hash(es); "
           f"tokens per expert (hash 0): min {loads.min()} max {loads.max()}")
 
 

@@ -5,20 +5,21 @@
 A RUN_DIR is a directory holding a fairseq-train log (``train.log``: fairseq-train's
 output, any of its log formats: simple, json, hydra's, or ``--log-file``'s bare lines)
 and optionally fairseq-eval-lm logs (``eval_<name>.log``) and a ``run.json`` written by
-the reproduce scripts (``moe_plugin/experiments/runner.py``: label, arch, dataset, unit, which
-paper table). A directory with neither is searched recursively for run directories, so
+the experiment runner (``moe_plugin/experiments/runner.py``: label, arch, dataset, unit,
+which paper table). A directory with neither is searched recursively for run directories, so
 ``python -m moe_plugin.tools.report results/reproduce/hash_ablation/tiny`` reports a whole
-script. Writes ``report.md``, ``report.json`` and ``plots/*.png`` (matplotlib, Agg) into
+experiment. Writes ``report.md``, ``report.json`` and ``plots/*.png`` (matplotlib, Agg) into
 ``--out`` (default: the single RUN_DIR, or the common parent of several):
 
 * a summary of every run (valid and test perplexity, or bits per character on
   character-level data, words/s, load, dropped tokens, training time);
-* the paper-style tables of the reproduce scripts, with the papers' published numbers
-  beside ours where they are known (marked unverified where they are a third party's);
+* the paper-style table of each experiment (``moe_plugin.experiments.EXPERIMENTS``: its
+  ``table`` and ``paper``), with the papers' published numbers beside ours where they are
+  known (marked unverified where they are a third party's);
 * valid perplexity against updates and against wall time, per group of runs;
 * expert load per layer over training (max/mean of the per-layer ``moe_l{i}_load_max``
   train metric), one plot per MoE run;
-* the K sweep of ``scripts/sweep_topk.py`` (its ``topk_sweep.json`` in a sub-directory;
+* the K sweep of ``python -m moe_plugin.tools.sweep_topk`` (its ``topk_sweep.json`` in a sub-directory;
   its table renderer and plot are reused) and the routing analyses of
   ``python -m moe_plugin.tools.analysis`` (``analysis.md`` in a sub-directory).
 
@@ -39,37 +40,7 @@ import sys
 from datetime import datetime
 from typing import Dict, List, Optional
 
-# ----------------------------------------------------------------------------------------
-# The papers' published numbers (where a source gives them; unverified ones say so)
-# ----------------------------------------------------------------------------------------
-
-PAPER = {
-    "base_throughput_quality": {
-        "source": "Lewis et al. 2021, Table 2: training tokens/s on 128 32GB V100 GPUs",
-        "verified": True,
-        "tokens_per_s": {"data_parallel": 600_000, "model_parallel_x2": 224_000, "top2": 292_000,
-                         "switch": 469_000, "base": 545_000, "base_x2": 475_000},
-    },
-    "hash_ablation": {
-        "source": "Roller et al. 2021, pushshift.io Reddit test perplexity (third-party transcription, unverified)",
-        "verified": False,
-        "ablation": {"balanced": 23.23, "random": 23.27, "dispersed": 23.22, "clustered": 23.99, "bigram": 24.28,
-                     "previous": 24.22, "position": 25.14, "oracle": 1.97},
-        "experts": {"hash": {64: 23.23, 128: 22.95}, "switch": {64: 23.73, 128: 23.58}},
-    },
-    "sam_k_quality": {
-        "source": "Jiang et al. 2021: no table could be read (only the abstract is available)",
-        "verified": False,
-    },
-    "hyperrouter_tables": {
-        "source": "Do et al. 2023 as re-run by a third party (unverified, K not stated)",
-        "verified": False,
-        "enwik8": {"dense": 1.166, "smoe": 1.307, "smoe_dropout": 1.262, "hyper": 1.141},
-        "wikitext-103": {"dense": 27.36, "smoe": 46.96, "smoe_dropout": 39.56, "hyper": 26.41},
-    },
-}
-#: the tiny scale's stand-ins for the papers' datasets (for the "published" column headers)
-STAND_IN = {"synthetic-bytes": "enwik8", "synthetic": "wikitext-103"}
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # ----------------------------------------------------------------------------------------
 # Log parsing
@@ -218,7 +189,8 @@ def parse_eval_log(path: str) -> Optional[Dict[str, float]]:
 # ----------------------------------------------------------------------------------------
 
 
-def _mean_layers(rec: dict, name: str) -> Optional[float]:
+def layer_mean(rec: dict, name: str) -> Optional[float]:
+    """Mean of the per-layer metric ``moe_l{i}_<name>`` over the layers of a log record (None if none)."""
     vals = [float(v) for k, v in rec.items() if re.fullmatch(rf"moe_l\d+_{name}", k) and isinstance(v, (int, float))]
     return sum(vals) / len(vals) if vals else None
 
@@ -355,156 +327,6 @@ def summary_table(runs: List[dict]) -> List[str]:
 
 
 # ----------------------------------------------------------------------------------------
-# Paper-style tables
-# ----------------------------------------------------------------------------------------
-
-
-def table_base(runs: List[dict]) -> List[str]:
-    paper = PAPER["base_throughput_quality"]
-    by_key = {r["meta"].get("paper_key"): r for r in runs if r["meta"].get("paper_key")}
-    dp = by_key.get("data_parallel")
-    dp_wps = dp["wps"] if dp and dp["wps"] else None
-    trained = [r for r in runs if r["status"] != "not run" and r["wall"]]
-    t_eq = min((r["valid_curve"][-1][1] for r in trained if r["valid_curve"]), default=None)
-    devices = next((r["devices"] for r in runs if r.get("devices")), None)
-    u = unit_name(runs[0]["unit"]) if runs else "ppl"
-    lines = [
-        f"### Training throughput and quality at equal budget (paper: {paper['source']})", "",
-        f"| Model | tokens/s (ours, {devices or '?'} device(s)) | vs data parallel (ours) | tokens/s (paper) | "
-        f"vs data parallel (paper) | valid {u} at equal updates | valid {u} at equal wall time "
-        f"({fmt(t_eq, '.0f')} s) | test {u} |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    order = [("data_parallel", "Data parallel (dense)"), ("model_parallel_x2", "Model parallel x2"),
-             ("top2", "Sparsely gated MoE (top-2)"), ("switch", "Switch"), ("base", "BASE"), ("base_x2", "BASE x2"),
-             ("base_x3", "BASE x3")]
-    for key, label in order:
-        r = by_key.get(key)
-        p = paper["tokens_per_s"].get(key)
-        p_rel = fmt(p / paper["tokens_per_s"]["data_parallel"], ".2f") if p else "-"
-        if r is None or r["status"] == "not run":
-            why = "not run (no model parallelism here)" if key == "model_parallel_x2" else "not run"
-            lines.append(f"| {label} | {why} | - | {fmt(p, ',.0f') if p else '-'} | {p_rel} | - | - | - |")
-            continue
-        rel = fmt(r["wps"] / dp_wps, ".2f") if dp_wps and r["wps"] else "-"
-        lines.append(
-            f"| {r['label']} | {fmt(r['wps'], ',.0f')} | {rel} | {fmt(p, ',.0f') if p else '-'} | {p_rel} | "
-            f"{fmt(metric_value(r), '.3f')} | {fmt(value_at_wall(r, t_eq), '.3f') if t_eq else '-'} | "
-            f"{fmt(metric_value(r, 'eval', 'test'), '.3f')} |")
-    lines += ["", "Throughput: median of fairseq's words/s over the train log's intervals (the first excluded). "
-              "Equal wall time: each validation curve linearly interpolated at the training time of the fastest "
-              "run. The paper gives perplexities only in plots (not transcribed).", ""]
-    return lines
-
-
-def table_hash(runs: List[dict]) -> List[str]:
-    paper = PAPER["hash_ablation"]
-    u = unit_name(runs[0]["unit"]) if runs else "ppl"
-    abl = [r for r in runs if r["group"] == "ablation"]
-    lines = [f"### Hash-function ablation ({len(abl)} runs)", "",
-             f"| Hash function | experts | valid {u} | test {u} | load max/mean (valid) | paper test ppl "
-             f"(Reddit; {'verified' if paper['verified'] else 'unverified'}) |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for r in abl:
-        h = r["meta"].get("hash_type")
-        p = paper["ablation"].get(h) if h else None
-        if r["status"] == "not run":
-            lines.append(f"| {r['label']} | {r['meta'].get('experts', '-')} | not run | - | - | {fmt(p)} |")
-            continue
-        test = metric_value(r, "eval", "test")
-        note = " (eval-lm refuses the oracle)" if h == "oracle" else ""
-        lines.append(f"| {r['label']} | {r['meta'].get('experts', '-')} | {fmt(metric_value(r), '.3f')} | "
-                     f"{fmt(test, '.3f')}{note} | {fmt(r['valid_final'].get('moe_load_max'), '.2f')} | {fmt(p)} |")
-    exp_runs = [r for r in runs if r["meta"].get("experts") and r["meta"].get("router") in ("hash", "switch", "base")
-                and (r["group"] == "experts" or r["meta"].get("hash_type") == "balanced")]
-    Es = sorted({int(r["meta"]["experts"]) for r in exp_runs})
-    if Es:
-        pE = sorted({e for d in paper["experts"].values() for e in d})
-        lines += ["", "### Hash vs Switch vs BASE at two expert counts", "",
-                  "| Model | " + " | ".join(f"E={e}: test {u} (ours)" for e in Es) + " | " +
-                  " | ".join(f"paper E={e} (unverified)" for e in pE) + " |",
-                  "|---|" + "---:|" * (len(Es) + len(pE))]
-        for router, label in (("hash", "Hash (balanced)"), ("switch", "Switch"), ("base", "BASE")):
-            cells = []
-            for e in Es:
-                r = next((x for x in exp_runs if x["meta"]["router"] == router and int(x["meta"]["experts"]) == e),
-                         None)
-                cells.append("not run" if r is None or r["status"] == "not run" else
-                             fmt(metric_value(r, "eval", "test"), ".3f"))
-            pcells = [fmt(paper["experts"].get(router, {}).get(e)) for e in pE]
-            lines.append(f"| {label} | " + " | ".join(cells + pcells) + " |")
-    lines.append("")
-    return lines
-
-
-def table_sam(runs: List[dict]) -> List[str]:
-    u = unit_name(runs[0]["unit"]) if runs else "ppl"
-    lines = ["### Activated experts K vs quality: SAM vs Switch vs top-K", "",
-             f"| Model | K | groups | valid {u} | test {u} | words/s | tokens to another device per token | "
-             "flat top-K would send | chosen group holds the global top-K |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in runs:
-        m = r["meta"]
-        if r["status"] == "not run":
-            lines.append(f"| {r['label']} | {m.get('K', '-')} | {m.get('groups', '-')} | not run | - | - | - | - | - |")
-            continue
-        v = r["valid_final"]
-        # one group = one simulated device off expert parallelism: no traffic figure to show
-        simulated_single = m.get("groups") == 1 and not (r.get("devices") or 1) > 1
-        traffic = ["-", "-", "-"] if simulated_single else [
-            fmt(_mean_layers(v, "xdev_frac"), ".3f"), fmt(_mean_layers(v, "topk_xdev_frac"), ".3f"),
-            fmt(_mean_layers(v, "topk_in_group"), ".3f")]
-        lines.append(f"| {r['label']} | {m.get('K', '-')} | {m.get('groups', '-')} | {fmt(metric_value(r), '.3f')} | "
-                     f"{fmt(metric_value(r, 'eval', 'test'), '.3f')} | {fmt(r['wps'], ',.0f')} | "
-                     + " | ".join(traffic) + " |")
-    lines += ["", "Device traffic (means over MoE layers of the valid log): the SAM router's "
-              "`xdev_frac` / `topk_xdev_frac` / `topk_in_group` (moe_plugin/routing/sam.py; outside "
-              "expert-parallel runs simulated with one group per device, so one-group rows show none). "
-              f"Paper: {PAPER['sam_k_quality']['source']}.", ""]
-    return lines
-
-
-def table_hyper(runs: List[dict]) -> List[str]:
-    paper = PAPER["hyperrouter_tables"]
-    lines = []
-    datasets = []
-    for r in runs:
-        if r["dataset"] not in datasets:
-            datasets.append(r["dataset"])
-    for ds in datasets:
-        rs = [r for r in runs if r["dataset"] == ds]
-        u = unit_name(rs[0]["unit"])
-        E = next((r["meta"].get("experts") for r in rs if r["meta"].get("experts")), "E")
-        pkey = ds if ds in paper else STAND_IN.get(ds)
-        pnums = paper.get(pkey, {}) if pkey else {}
-        phead = (f"published {pkey} {'BPC' if pkey in ('enwik8', 'text8') else 'ppl'} (third-party re-run, "
-                 "unverified)") if pnums else "published"
-        lines += [f"### {rs[0]['dataset_label']} (test {u})", "",
-                  f"| Model | K=2 | K={E} | {phead} |", "|---|---:|---:|---:|"]
-        for kind, label in (("dense", "Dense"), ("smoe", "SMoE"), ("smoe_dropout", "SMoE-Dropout"),
-                            ("hyper", "HyperRouter")):
-            r = next((x for x in rs if x["meta"].get("kind") == kind), None)
-            p = fmt(pnums.get(kind), ".3f" if u == "BPC" or pkey in ("enwik8", "text8") else ".2f")
-            if r is None or r["status"] == "not run":
-                lines.append(f"| {label} | not run | - | {p} |")
-                continue
-            if kind == "dense":
-                v = metric_value(r, "eval", "test")
-                k2 = kE = fmt(v, ".3f")
-            else:
-                k2 = fmt(metric_value(r, "eval", "k2"), ".3f")
-                kE = fmt(metric_value(r, "eval", f"k{E}"), ".3f")
-            lines.append(f"| {label} | {k2} | {kE} | {p} |")
-        if ds in STAND_IN:
-            lines.append(f"\n(tiny scale: the synthetic corpus stands in for {STAND_IN[ds]}; the published column "
-                         "is the paper's dataset, not comparable in value)")
-        lines.append("")
-    return lines
-
-
-TABLES = {"base_throughput_quality": table_base, "hash_ablation": table_hash, "sam_k_quality": table_sam,
-          "hyperrouter_tables": table_hyper}
-
-# ----------------------------------------------------------------------------------------
 # Plots
 # ----------------------------------------------------------------------------------------
 
@@ -580,27 +402,17 @@ def plot_load(run: dict, path: str) -> Optional[str]:
 # ----------------------------------------------------------------------------------------
 
 
-def _sweep_module():
-    import importlib.util
-
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    path = os.path.join(root, "scripts", "sweep_topk.py")
-    spec = importlib.util.spec_from_file_location("sweep_topk", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def sweep_section(sweep_json: str, plots_dir: str, unit: str = "ppl") -> List[str]:
-    """The K sweep of scripts/sweep_topk.py: its table (and, on character-level data, the same
+    """The K sweep of ``python -m moe_plugin.tools.sweep_topk``: its table (and, on character-level data, the same
     in bits per character) and its plot, redrawn into plots/."""
     with open(sweep_json) as f:
         data = json.load(f)
     ks, rows = data["ks"], data["rows"]
-    sweep = _sweep_module()
+    from moe_plugin.tools import sweep_topk as sweep
+
     name = os.path.basename(os.path.dirname(sweep_json))
     lines = [f"### K sweep: {name}", "", f"Perplexity at inference with K experts per token "
-             f"(scripts/sweep_topk.py; {os.path.relpath(sweep_json)}).", "", sweep.render_table(rows, ks), ""]
+             f"(moe_plugin.tools.sweep_topk; {os.path.relpath(sweep_json)}).", "", sweep.render_table(rows, ks), ""]
     if unit == "bpc":
         lines += ["Bits per character:", "", "| checkpoint | " + " | ".join(f"K={k}" for k in ks) + " |",
                   "|---|" + "---:|" * len(ks)]
@@ -649,10 +461,12 @@ def build_report(run_dirs: List[str], out: str, title: str = "") -> str:
     if scale:
         lines += [f"Scale: {', '.join(scale)}. Generated by `python -m moe_plugin.tools.report` from the fairseq logs in "
                   f"{', '.join(sorted({os.path.relpath(os.path.dirname(d)) for d in run_dirs}))}.", ""]
+    from moe_plugin.experiments import EXPERIMENTS  # the paper tables and their published numbers
+
     for script in scripts:
         rs = [r for r in runs if r["script"] == script]
-        if script in TABLES and rs:
-            lines += [f"## {script}", ""] + TABLES[script](rs)
+        if script in EXPERIMENTS and rs:
+            lines += [f"## {script}", ""] + EXPERIMENTS[script].table(rs)
     lines += ["## All runs", ""] + summary_table(runs) + [
         "", "valid: last validation of the train log; test columns: fairseq-eval-lm (per evaluation); "
         "BPC rows are bits per character. words/s: median over the train log's intervals.", ""]
@@ -698,7 +512,7 @@ def build_report(run_dirs: List[str], out: str, title: str = "") -> str:
             unit = "ppl"
             with open(s) as f:
                 ckpts = [row.get("checkpoint", "") for row in json.load(f)["rows"]]
-            root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # sweep_topk runs from here
+            root = ROOT  # sweep_topk runs from here
             paths = [p for c in ckpts for p in (os.path.abspath(c), os.path.join(root, c))]
             for r in runs:
                 if any(p.startswith(os.path.abspath(r["dir"]) + os.sep) for p in paths):

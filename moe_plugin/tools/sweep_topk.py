@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Perplexity against the number of experts per token K at inference (HyperRouter, Do et al.
 2023, the inference-efficiency figure): evaluate checkpoints with fairseq-eval-lm at several K.
 
@@ -13,7 +12,7 @@ command, without paying its start-up once per K); ``--subprocess`` runs the comm
 
 Writes ``OUT/topk_sweep.md`` (table), ``OUT/topk_sweep.png`` (plot) and ``OUT/topk_sweep.json``.
 
-    python scripts/sweep_topk.py DATA_BIN hyper=ckpts/hyper/checkpoint_last.pt \\
+    python -m moe_plugin.tools.sweep_topk DATA_BIN hyper=ckpts/hyper/checkpoint_last.pt \\
         smoe=ckpts/smoe/checkpoint_last.pt --out results/topk_sweep --gen-subset test \\
         -- --tokens-per-sample 128 --context-window 64
 
@@ -25,10 +24,11 @@ import json
 import logging
 import os
 import re
-import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from moe_plugin.tools import commands
+
+ROOT = commands.ROOT
 USER_DIR = os.path.join(ROOT, "moe_plugin")
 DEFAULT_KS = "1,2,4,8,16"
 
@@ -50,7 +50,6 @@ def checkpoint_info(path):
         "train_top_k": None,
         "eval_top_k": get("moe_eval_top_k"),
     }
-    sys.path.insert(0, ROOT)
     from moe_plugin.routing import ROUTER_REGISTRY
     from moe_plugin.routing._topk import TopKSoftmaxRouter, scheduled_top_k, top_k_range
 
@@ -82,8 +81,8 @@ def run_eval(data, ckpt, k, extra, cpu, use_subprocess):
     """-> (loss in bits, perplexity) from fairseq-eval-lm."""
     args = eval_args(data, ckpt, k, extra, cpu)
     if use_subprocess:
-        proc = subprocess.run([sys.executable, "-m", "fairseq_cli.eval_lm", *args], capture_output=True, text=True)
-        out = proc.stdout + proc.stderr
+        proc = commands.run([sys.executable, "-m", "fairseq_cli.eval_lm", *args], cwd=os.getcwd(), check=False)
+        out = proc.stdout
         m = re.findall(r"Loss \(base 2\): ([\d.]+), Perplexity: ([\d.]+)", out)
         if proc.returncode != 0 or not m:
             raise SystemExit(f"fairseq-eval-lm failed on {ckpt} (K={k}):\n{out[-3000:]}")
@@ -188,8 +187,6 @@ def main(argv=None):
         raise SystemExit(f"--ks: {args.ks!r}: every K must be >= 1")
     os.makedirs(args.out, exist_ok=True)
     extra = ["--gen-subset", args.gen_subset, *extra]
-    sys.path.insert(0, ROOT)
-
     rows = []
     if args.from_json:
         with open(args.from_json) as f:
