@@ -302,14 +302,16 @@ def test_dense_lm_hydra_config_builds_the_cli_model(tiny_corpus, tmp_path):
     committed = os.path.join(CONFIGS, "tiny", name + ".yaml")
     body = "".join(line for line in open(committed) if not line.startswith("#"))
     assert body == text, f"{committed} is stale: python -m moe_plugin.experiments.runner configs"
-    assert "_name: dense_lm" in text  # its moe_freq 0 is the arch's default (moe_plugin/models/archs.py)
+    assert "_name: dense_lm" in text
     (tmp_path / f"{name}.yaml").write_text(text)
     data_bin = tiny_corpus[1]
     m_cli, _ = build_from_cli(with_data(args, data_bin))
     m_yaml, _ = build_from_yaml(str(tmp_path), name, data_bin)
     assert not m_yaml.moe_layers()
     assert_same_model(m_cli, m_yaml)
-    # without moe_freq: 0, hydra composes moe_lm's default (every 2nd layer) and dense_lm refuses it
-    (tmp_path / "no_freq.yaml").write_text(text.replace("  moe_freq: 0\n", ""))
+    # the YAML needs no moe_freq: 0 (the model dataclass's defaults are the named arch's,
+    # moe_plugin/models/moe_lm.py), and one that asks for MoE layers is refused at build time
+    assert "moe_freq" not in text
+    (tmp_path / "with_freq.yaml").write_text(text.replace("  _name: dense_lm\n", "  _name: dense_lm\n  moe_freq: 2\n"))
     with pytest.raises(ValueError, match=r"^--moe-freq: 2 is not allowed with --arch dense_lm"):
-        build_from_yaml(str(tmp_path), "no_freq", data_bin)
+        build_from_yaml(str(tmp_path), "with_freq", data_bin)

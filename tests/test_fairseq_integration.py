@@ -207,7 +207,7 @@ HYDRA_MODEL = {"decoder_layers": 4, "decoder_embed_dim": 16, "decoder_ffn_embed_
                "tokens_per_sample": 16, "dropout": 0.0}
 
 
-def hydra_cfg(tmp_path, data_bin, model: dict):
+def hydra_cfg(tmp_path, data_bin, model: dict, base: dict = HYDRA_MODEL):
     """The config fairseq-hydra-train trains with for a YAML whose model group is ``model``,
     composed step by step as fairseq_cli/hydra_train.py and train.main do (hydra_init,
     compose, add_defaults, full resolution, import_user_module, add_defaults again)."""
@@ -221,7 +221,7 @@ def hydra_cfg(tmp_path, data_bin, model: dict):
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump({
         "common": {"user_dir": USER_DIR, "cpu": True, "seed": 1},
         "task": {"_name": "language_modeling", "data": data_bin, "tokens_per_sample": 16},
-        "model": dict(HYDRA_MODEL, **model),
+        "model": dict(base, **model),
         "criterion": {"_name": "moe_cross_entropy"},
         "optimization": {"max_update": 100},
     }))
@@ -356,3 +356,33 @@ def test_inconsistent_base_layer_fields_are_refused(tiny_corpus, tmp_path):
     _, data_bin = tiny_corpus
     with pytest.raises(ValueError, match="--base-layers: 5 is not allowed with --moe-base-layers 1"):
         build_hydra(tmp_path, data_bin, {"_name": "base_lm", "moe_base_layers": 1, "base_layers": 5})
+
+
+def _shapes(model):
+    return {k: tuple(v.shape) for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+@pytest.mark.parametrize("model", [{"_name": "switch_lm"}, {"_name": "moe_lm", "moe_router": "switch"}])
+def test_hydra_config_with_only_the_embed_dim_builds_the_command_lines_model(tiny_corpus, tmp_path, model):
+    """A hydra config giving only ``decoder_embed_dim`` (as a user writes it) builds the model
+    ``--arch switch_lm --decoder-embed-dim`` builds: input/output dims tied to the embedding
+    dim (no 512-wide projections), pre-LN with a final LayerNorm (fairseq's base_lm_architecture
+    on the command line; the model dataclass's defaults in a hydra config, where fairseq merges
+    them before any arch function runs, and for ``_name: moe_lm`` runs none)."""
+    _, data_bin = tiny_corpus
+    given = {k: v for k, v in HYDRA_MODEL.items() if k not in ("decoder_input_dim", "decoder_output_dim")}
+    cfg = hydra_cfg(tmp_path, data_bin, model, base=given)
+    task = tasks.setup_task(cfg.task)
+    torch.manual_seed(0)
+    hydra_model = task.build_model(cfg.model)
+    small = [a for i, a in enumerate(SMALL) if a not in ("--decoder-input-dim", "--decoder-output-dim")
+             and SMALL[i - 1] not in ("--decoder-input-dim", "--decoder-output-dim")]
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(
+        parser, [data_bin, "--task", "language_modeling", "--user-dir", USER_DIR, "--arch", "switch_lm", "--cpu",
+                 "--criterion", "moe_cross_entropy", "--max-update", "100", *small])
+    cli_cfg = convert_namespace_to_omegaconf(args)
+    cli_model = tasks.setup_task(cli_cfg.task).build_model(cli_cfg.model)
+    assert _shapes(hydra_model) == _shapes(cli_model)
+    assert hydra_model.decoder.project_in_dim is None and hydra_model.decoder.layer_norm is not None
+    assert all(layer.normalize_before for layer in hydra_model.decoder.layers)

@@ -123,3 +123,11 @@ def test_the_rule_catches_a_wrong_arrow(tmp_path):
         ROOT = saved
     assert "moe_plugin.models.moe_lm" in names and "fairseq.models" in names
     assert within("moe_plugin.models.moe_lm", FORBIDDEN["core"]) and within("fairseq.models", FORBIDDEN["core"])
+
+
+def test_architecture_doc_names_every_module():
+    """docs/architecture.md and the code agree: every module of the package is named there."""
+    doc = open(os.path.join(ROOT, "docs", "architecture.md")).read()
+    missing = [os.path.relpath(p, PACKAGE) for p in python_files(PACKAGE)
+               if not p.endswith("__init__.py") and os.path.basename(p) not in doc]
+    assert not missing

@@ -118,6 +118,9 @@ def insert_base_layers(decoder, cfg, num: int) -> None:
     activation = str(_get(cfg, "activation_fn", "relu"))
     shuffle = bool(_get(cfg, "base_shuffle", False))
     num_layers = len(decoder.layers)
+    # each BASE layer is built knowing its final index in the stack, so its experts' seed is
+    # (--seed, layer index) like every MoE layer's (moe_plugin/moe_layer.py layer_seed)
+    final = base_layer_positions(num_layers, num)
     for i in range(num):
         layer = BaseLayer(
             decoder.moe_cfg,
@@ -128,13 +131,12 @@ def insert_base_layers(decoder, cfg, num: int) -> None:
             shuffle,
             vocab=decoder.vocab_info,
             token_source=decoder.token_context.get,
+            layer_index=final[i],
         )
+        layer.checkpoint_activations = bool(_get(cfg, "checkpoint_activations", False))
+        layer.offload_activations = bool(_get(cfg, "offload_activations", False))
         decoder.layers.insert(((i + 1) * num_layers) // (num + 1), layer)
-    for index, layer in enumerate(decoder.layers):
-        if isinstance(layer, BaseLayer):
-            layer.moe.router.layer_index = index
-            layer.checkpoint_activations = bool(_get(cfg, "checkpoint_activations", False))
-            layer.offload_activations = bool(_get(cfg, "offload_activations", False))
+    assert [i for i, m in enumerate(decoder.layers) if isinstance(m, BaseLayer)] == final
 
 
 def base_layer_positions(num_layers: int, num_base: int):

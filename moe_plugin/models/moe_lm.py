@@ -52,6 +52,10 @@ from moe_plugin.routing import ROUTER_REGISTRY, TokenInfo, VocabInfo
 ARCH_DEFAULT_RESOLVER = "moe_arch_default"
 
 
+#: a relative interpolation: the model node's own decoder_embed_dim
+EMBED_DIM = "${.decoder_embed_dim}"
+
+
 def model_config_class() -> type:
     """The model's config dataclass: fairseq's Transformer LM config, the current MoE options
     (:func:`moe_plugin.config.moe_config_class`: the core's and every registered router's)
@@ -77,6 +81,17 @@ def model_config_class() -> type:
         default = f"${{{ARCH_DEFAULT_RESOLVER}:${{._name}},{f.name}}}"
         moe_fields.append((f.name, Optional[types[f.name]], dataclasses.field(default=default, metadata=dict(f.metadata))))
     shell_fields = [
+        # the archs' model (fairseq's base_lm_architecture: pre-LN, input and output dims = the
+        # embedding dim) as the dataclass's defaults too: a hydra config gets them merged before
+        # any arch function runs (and `_name: moe_lm` runs none), so fairseq's 512 / post-LN
+        # defaults would silently build another model than the command line
+        ("decoder_input_dim", Optional[int], dataclasses.field(default=EMBED_DIM, metadata={
+            "help": "decoder input dimension (default: --decoder-embed-dim)"})),
+        ("decoder_output_dim", Optional[int], dataclasses.field(default=EMBED_DIM, metadata={
+            "help": "decoder output dimension (default: --decoder-embed-dim)"})),
+        ("decoder_normalize_before", bool, dataclasses.field(default=True, metadata={
+            "help": "apply layernorm before each decoder block (the MoE archs: always, as fairseq's "
+                    "base_lm_architecture)"})),
         # the routers' random state follows fairseq's --seed (common.seed) unless a router's own
         # seed option fixes it; an interpolation, so fairseq-train and hydra configs both fill it
         ("moe_seed", Optional[int], dataclasses.field(default=II("common.seed"))),
@@ -105,7 +120,7 @@ def parser_config_class(dc: type) -> type:
     plugin's interpolations: fairseq's parser would make an interpolation default a string
     option without its type or flag action (command-line defaults are deleted anyway: the
     arch function fills them)."""
-    prefixes = ("${" + ARCH_DEFAULT_RESOLVER + ":", "${" + base_glue.RESOLVER + ":")
+    prefixes = ("${" + ARCH_DEFAULT_RESOLVER + ":", "${" + base_glue.RESOLVER + ":", EMBED_DIM)
     fields = [(f.name, f.type, dataclasses.field(default=None, metadata=dict(f.metadata)))
               for f in dataclasses.fields(dc) if isinstance(f.default, str) and f.default.startswith(prefixes)]
     return dataclasses.make_dataclass(dc.__name__, fields, bases=(dc,))

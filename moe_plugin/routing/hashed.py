@@ -203,11 +203,6 @@ def balanced_table(counts_V: torch.Tensor, num_experts: int, generator: torch.Ge
     return torch.tensor(table, dtype=torch.long)
 
 
-def expected_load(table_V: torch.Tensor, counts_V: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """(E,) token mass each expert receives under ``table_V`` for unigram counts ``counts_V``."""
-    return torch.zeros(num_experts, dtype=torch.float64).index_add_(0, table_V, counts_V.to(torch.float64))
-
-
 def _is_prime(n: int) -> bool:
     if n < 2:
         return False
