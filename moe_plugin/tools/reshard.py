@@ -55,6 +55,7 @@ from moe_plugin.tools.checkpoints import (
     num_updates,
     split_name,
 )
+from moe_plugin.dispatch.placement import ExpertPlacement
 from moe_plugin.models.checkpoint_layout import EXTRA_STATE_KEY, FORMAT, checksums
 
 
@@ -136,7 +137,7 @@ def merge_split(parts: List[torch.Tensor], E: int, M: int, what: str) -> List[to
     full = torch.cat(parts, dim=0)
     if full.shape[0] != E:
         raise ReshardError(f"{what}: the shards hold {full.shape[0]} experts in total, the layout says {E}")
-    return [t.clone() for t in torch.chunk(full, M, dim=0)]
+    return [full[p.first:p.stop].clone() for p in (ExpertPlacement(E, M, r) for r in range(M))]
 
 
 def same_everywhere(values: list) -> bool:
@@ -185,8 +186,8 @@ def new_layout(layout: dict, M: int, rank: int) -> dict:
     out = copy.deepcopy(layout)
     out["world_size"], out["rank"] = (M, rank) if M > 1 else (1, 0)
     for entry in out["layers"].values():
-        L = entry["num_experts"] // M
-        entry["experts"] = [rank * L, (rank + 1) * L]
+        placement = ExpertPlacement(entry["num_experts"], M, rank)
+        entry["experts"] = [placement.first, placement.stop]
     return out
 
 
