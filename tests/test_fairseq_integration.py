@@ -386,3 +386,20 @@ def test_hydra_config_with_only_the_embed_dim_builds_the_command_lines_model(tin
     assert _shapes(hydra_model) == _shapes(cli_model)
     assert hydra_model.decoder.project_in_dim is None and hydra_model.decoder.layer_norm is not None
     assert all(layer.normalize_before for layer in hydra_model.decoder.layers)
+
+
+def test_default_balance_weight_is_switchs(tiny_corpus):
+    """Without --moe-aux-loss-weight the criterion weights the balance loss by 0.01 (Switch
+    Transformer Sec. 2.2, alpha = 10^-2; fairseq moe branch --moe-gate-loss-wt 0.01)."""
+    _, data_bin = tiny_corpus
+    _, task, model, crit = build(data_bin, "switch_lm")
+    model.train()
+    pad = task.dictionary.pad()
+    src = torch.randint(4, len(task.dictionary), (2, 8))
+    sample = lm_sample(src, torch.randint(4, len(task.dictionary), (2, 8)), pad)
+    torch.manual_seed(3)
+    loss, sample_size, _ = crit(model, sample)
+    nll = F.cross_entropy(model(src)[0].view(-1, len(task.dictionary)), sample["target"].view(-1),
+                          ignore_index=pad, reduction="sum")
+    aux = sum(l.last_aux_losses["balance"] for _, l in model.moe_layers())
+    torch.testing.assert_close(loss, nll + 0.01 * aux * sample_size, rtol=1e-5, atol=1e-4)
