@@ -25,9 +25,10 @@ KNOWN_ARCHS = set(ARCHS) | set(P.PLUGIN_ARCHS) | set(P.FAIRSEQ_ARCHS)
 
 
 def dry_run(script, scale, capsys, *extra):
+    """(the first seed's plan, the printed dry run, every seed's plan)."""
     capsys.readouterr()
-    plan = R.main(script, ["--scale", scale, "--dry-run", *extra])
-    return plan, capsys.readouterr().out
+    plans = R.main(script, ["--scale", scale, "--dry-run", *extra])
+    return plans[0], capsys.readouterr().out, plans
 
 
 def strip_launcher(cmd):
@@ -51,14 +52,15 @@ def parse_train(args):
 @pytest.mark.parametrize("scale", P.SCALES)
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_dry_run_prints_the_exact_commands(script, scale, capsys):
-    plan, out = dry_run(script, scale, capsys)
-    steps = P.plan_steps(plan)
+    plan, out, plans = dry_run(script, scale, capsys)
+    steps = P.plan_steps(plans)
     printed = [line for line in out.splitlines() if line and not line.startswith("#")]
     assert len(printed) == len(steps)
     for line, step in zip(printed, steps):
         assert line.startswith(shlex.join(step.cmd))  # what is printed is what runs
     trains = [s for s in steps if s.kind == "train"]
-    assert len(trains) == len(plan.runs) and trains
+    assert [p.seed for p in plans] == list(P.DEFAULT_SEEDS[scale])
+    assert len(trains) == len(plan.runs) * len(plans) and trains  # every run once per seed
     for step in trains:
         cmd = step.cmd
         inner = strip_launcher(cmd)
@@ -98,7 +100,7 @@ def test_every_command_is_accepted_by_fairseqs_parsers(script, capsys):
     from fairseq import options
 
     for scale in P.SCALES:
-        plan, _ = dry_run(script, scale, capsys)
+        plan, _, _ = dry_run(script, scale, capsys)
         for run in plan.runs:
             assert run.arch in KNOWN_ARCHS, run.arch
             ns = parse_train(P.train_args(plan, run))
@@ -113,7 +115,7 @@ def test_every_command_is_accepted_by_fairseqs_parsers(script, capsys):
 
 
 def test_hyperrouter_plan_evaluates_at_two_and_all_experts(capsys):
-    plan, _ = dry_run("hyperrouter_tables", "paper", capsys)
+    plan, _, _ = dry_run("hyperrouter_tables", "paper", capsys)
     assert {r.dataset for r in plan.runs} == {"enwik8", "text8", "wikitext-103"}
     for run in plan.runs:
         if run.meta["kind"] in ("hyper", "smoe_dropout"):
@@ -126,7 +128,7 @@ def test_hyperrouter_plan_evaluates_at_two_and_all_experts(capsys):
 
 
 def test_updates_override_moves_every_schedule(capsys):
-    plan, out = dry_run("hyperrouter_tables", "tiny", capsys, "--updates", "30")
+    plan, out, _ = dry_run("hyperrouter_tables", "tiny", capsys, "--updates", "30")
     assert plan.hp["updates"] == 30 and plan.hp["validate_every"] == 3
     run = plan.run_named("hyper_syn")
     assert run.args[run.args.index("--moe-top-k-schedule-updates") + 1] == "30"
@@ -134,8 +136,8 @@ def test_updates_override_moves_every_schedule(capsys):
 
 
 def test_only_keeps_the_runs_a_run_needs(capsys):
-    plan, out = dry_run("hash_ablation", "tiny", capsys, "--only", "hash_clustered")
-    assert [r.name for r in plan.runs] == ["dense", "hash_clustered"]
+    plan, out, plans = dry_run("hash_ablation", "tiny", capsys, "--only", "hash_clustered")
+    assert all([r.name for r in p.runs] == ["dense", "hash_clustered"] for p in plans)
     assert "python -m moe_plugin.tools.hash_kmeans" in out
     with pytest.raises(SystemExit):
         R.main("hash_ablation", ["--dry-run", "--only", "nope"])
@@ -150,6 +152,64 @@ def test_registry_holds_each_paper_table_once():
         register_experiment("hash_ablation", table=lambda runs: [], paper={"source": "x"})(lambda scale, args: None)
     with pytest.raises(ValueError, match="registered: base_throughput_quality"):
         R.main("nope", ["--dry-run"])
+
+
+def test_seeds_train_every_run_once_per_seed_in_its_own_directory(capsys):
+    """--seeds 4,7: the experiment once per seed into OUT/seed<N> (--seed N), its own extra
+    steps included (k-means from the same seed's dense model, the K sweep of that seed's
+    checkpoints); the datasets prepared once; one report over OUT."""
+    out = os.path.join("results", "reproduce", "hash_ablation", "tiny")
+    plan, text, plans = dry_run("hash_ablation", "tiny", capsys, "--seeds", "4,7")
+    steps = P.plan_steps(plans)
+    assert [p.seed for p in plans] == [4, 7] and all(p.seeds == [4, 7] for p in plans)
+    names = [r.name for r in plan.runs]
+    for seed in (4, 7):
+        sdir = os.path.join(out, f"seed{seed}")
+        trains = [s for s in steps if s.kind == "train" and s.seed == seed]
+        assert [s.run for s in trains] == names
+        for s in trains:
+            ns = parse_train(strip_launcher(s.cmd)[1:])
+            assert ns.seed == seed and ns.save_dir == os.path.join(sdir, s.run, "checkpoints")
+            assert s.log == os.path.join(sdir, s.run, "train.log")
+        for s in steps:
+            if s.kind in ("eval", "pre") and s.seed == seed:
+                assert all(sdir in a for a in s.cmd if a.startswith(out)), s.cmd
+        kmeans = next(s for s in steps if s.kind == "pre" and s.seed == seed and s.run == "hash_clustered")
+        assert kmeans.cmd[3] == os.path.join(sdir, "dense", "checkpoints", "checkpoint_last.pt")
+    prepares = [s for s in steps if s.kind == "prepare"]
+    assert [s.cmd for s in prepares] == [s.cmd for s in P.plan_steps(plans[0]) if s.kind == "prepare"] != []
+    assert [s.cmd for s in steps if s.kind == "report"] == [["python", "-m", "moe_plugin.tools.report", out]]
+    assert "# seeds 4,7: every run trained once per seed" in text
+    # the hyperrouter K sweep reads its own seed's checkpoints
+    _, _, hplans = dry_run("hyperrouter_tables", "tiny", capsys, "--seeds", "1,2")
+    for hp_ in hplans:
+        sweep = next(s for s in P.plan_steps(hp_) if s.kind == "post")
+        ckpts = [a.split("=", 1)[1] for a in sweep.cmd if "=" in a and a.endswith(".pt")]
+        assert ckpts and all(c.startswith(os.path.join(hp_.out, "")) for c in ckpts)
+        assert hp_.out == P.seed_out(os.path.join("results", "reproduce", "hyperrouter_tables", "tiny"), hp_.seed)
+
+
+@pytest.mark.parametrize("bad", ["1,x", "1,1", "-2", ","])
+def test_bad_seeds_are_refused_with_the_option_named(bad, capsys):
+    with pytest.raises(SystemExit):
+        R.main("sam_k_quality", ["--dry-run", "--seeds", bad])
+    err = capsys.readouterr().err
+    assert "--seeds" in err and "allowed" in err
+    with pytest.raises(ValueError, match="--seeds"):
+        P.parse_seeds(bad)
+
+
+def test_plan_without_a_seed_keeps_the_old_layout():
+    """plan_of's plan (one hydra config per run) has no seed: OUT/<run> and hp's --seed (the
+    layout before seeds; tests/_reproduce_runs.py trains such a plan and reports it)."""
+    plan = R.plan_of("sam_k_quality", "tiny")
+    assert plan.seed is None and plan.seeds == list(P.DEFAULT_SEEDS["tiny"])
+    run = plan.runs[0]
+    args = P.train_args(plan, run)
+    assert args[args.index("--save-dir") + 1] == os.path.join(plan.out, run.name, "checkpoints")
+    assert args[args.index("--seed") + 1] == str(plan.hp["seed"])
+    steps = P.plan_steps(plan)
+    assert steps[-1].cmd[-1] == plan.out and all(s.seed is None for s in steps)
 
 
 @pytest.fixture(scope="module")
@@ -189,6 +249,34 @@ def test_tiny_run_through_runner_and_report(tiny_run):
         assert os.path.getsize(os.path.join(tiny_run.out, "plots", png)) > 1000
 
 
+@pytest.mark.e2e
+def test_tiny_seeds_through_runner_and_report(tmp_path_factory, tiny_corpus):
+    """Two seeds of the tiny run: each trained with its --seed into OUT/seed<N>/<run>, and the
+    report's row is the mean ± sample std of the two seeds' own results (read from the logs)."""
+    import json
+    import statistics
+
+    from moe_plugin.tools import report
+
+    out, plans = _reproduce_runs.tiny_seed_run(tmp_path_factory, tiny_corpus)
+    tests = []
+    for seed in (1, 2):
+        rd = os.path.join(out, f"seed{seed}", "hash_random")
+        meta = json.load(open(os.path.join(rd, "run.json")))
+        assert meta["status"] == "trained" and meta["seed"] == seed and meta["seeds"] == [1, 2]
+        log = open(os.path.join(rd, "train.log")).read()
+        assert f"--seed {seed} " in log.splitlines()[0]
+        tests.append(float(re.findall(r"Perplexity: ([\d.]+)", open(os.path.join(rd, "eval_test.log")).read())[-1]))
+    assert tests[0] != tests[1]  # the seeds differ
+    md = open(os.path.join(out, "report.md")).read()
+    row = next(line for line in md.splitlines() if line.startswith("| Hash (random) | 4 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[3] == f"{statistics.mean(tests):.3f} ± {statistics.stdev(tests):.3f} (n=2)"
+    assert "### The paper's claims at tiny scale (seeds 1, 2)" in md
+    runs = report.group_seeds([report.load_run(d) for d in report.find_run_dirs([out])])
+    assert len(runs) == 1 and runs[0]["seed_list"] == [1, 2]
+
+
 def test_shell_entry_point_prints_the_plan_from_any_directory(tmp_path):
     """bash scripts/reproduce/<name>.sh from another directory: the same plan, with the
     experiment's own option (--equal-compute) passed through."""
@@ -196,7 +284,7 @@ def test_shell_entry_point_prints_the_plan_from_any_directory(tmp_path):
                            "--dry-run", "--equal-compute"], capture_output=True, text=True, cwd=str(tmp_path),
                           env=dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable), timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.count("fairseq-train data/wikitext-103/data-bin") == 7
+    assert proc.stdout.count("fairseq-train data/wikitext-103/data-bin") == 7 * len(P.DEFAULT_SEEDS["mini"])
     assert f"run from {ROOT}" in proc.stdout and "experts of hidden size F/K (--equal-compute)" in proc.stdout
 
 

@@ -14,6 +14,17 @@ on one node or ``scripts/launch_slurm.sh`` on several; real corpora of
 ``data-prep/prepare-*.sh``), ``mini`` (one GPU, about an hour per experiment, the same
 corpora), ``tiny`` (CPU, the synthetic corpus of ``data-prep/synthetic.py`` and its bytes as
 a character-level stand-in for enwik8/text8, minutes per experiment).
+
+Seeds: every run is trained once per seed (``Plan.seeds``, default :data:`DEFAULT_SEEDS` of
+the scale, the runner's ``--seeds``). The runner builds the experiment's plan once per seed
+(:func:`seed_out`: ``OUT/seed<N>``, ``--seed N``), so a seed is a complete replicate of the
+experiment, its pre- and post-training steps included (the k-means hash table from the same
+seed's dense model, the K sweep and the routing analysis of the same seed's checkpoints);
+:func:`plan_steps` of the seeds' plans prepares the datasets once and reports once over OUT,
+where the report groups each run's seeds (mean and spread, ``moe_plugin.tools.stats``). A
+plan without a seed (``Plan.seed`` None, what ``runner.plan_of`` returns: one hydra config
+per run) writes its runs to ``OUT/<run>``, the layout before seeds, which the report still
+reads (as one seed).
 """
 
 import argparse
@@ -26,6 +37,10 @@ from moe_plugin.models.archs import DENSE_ARCH
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 USER_DIR = "moe_plugin"  # relative to ROOT, as every command runs from ROOT
 SCALES = ("paper", "mini", "tiny")
+#: the seeds every run is trained with, per scale (``--seeds`` overrides): at least 3 on the
+#: CPU scale (a claim's verdict needs a spread), 2 at mini (an hour per experiment and seed),
+#: one at paper scale (days on 32-128 GPUs per run: a spread there is a budget decision)
+DEFAULT_SEEDS = {"tiny": (1, 2, 3), "mini": (1, 2), "paper": (1,)}
 
 #: archs that are fairseq's own (a run may name one; the reproductions' dense rows use
 #: DENSE_ARCH, moe_lm without MoE layers and with the MoE archs' defaults: fairseq's
@@ -148,6 +163,16 @@ class Plan:
     post: List["Step"] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
     out: str = ""
+    #: the seeds the experiment is run with (each run trained once per seed); default: the scale's
+    seeds: List[int] = field(default_factory=list)
+    #: the seed of this plan (``--seed``, and ``out`` is the experiment's ``seed_out``); None:
+    #: a plan not given a seed (its runs use ``hp['seed']`` and ``out/<run>``)
+    seed: Optional[int] = None
+
+    def __post_init__(self):
+        if not self.seeds:
+            self.seeds = list(DEFAULT_SEEDS.get(self.scale, (1,)))
+        check_seeds(self.seeds, "Plan.seeds")
 
     def run_dir(self, run: Run) -> str:
         return os.path.join(self.out, run.name)
@@ -231,7 +256,7 @@ def train_args(plan: Plan, run: Run) -> List[str]:
     args = [
         ds.data_bin, "--task", "language_modeling", "--user-dir", USER_DIR, "--arch", run.arch,
         "--criterion", "moe_cross_entropy", "--save-dir", os.path.join(plan.run_dir(run), "checkpoints"),
-        "--seed", str(hp["seed"]), "--dropout", _num(hp["dropout"]),
+        "--seed", str(hp["seed"] if plan.seed is None else plan.seed), "--dropout", _num(hp["dropout"]),
         "--tokens-per-sample", str(hp["tokens_per_sample"]), "--max-tokens", str(hp["max_tokens"]),
         "--update-freq", str(hp["update_freq"]), "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)",
         "--lr", _num(hp["lr"]), "--lr-scheduler", str(hp["lr_scheduler"]),
@@ -316,10 +341,45 @@ class Step:
     creates: Optional[str] = None  # the step is done when this path exists
     needs: List[str] = field(default_factory=list)  # post steps: the runs whose outputs they read
     result_log: Optional[str] = None  # eval steps: the log holding the result (default: log)
+    seed: Optional[int] = None  # the seed of the plan the step belongs to (None: an unseeded plan)
 
 
-def plan_steps(plan: Plan) -> List[Step]:
-    """Every command of the plan, in execution order."""
+def plan_steps(plan) -> List[Step]:
+    """Every command of the plan, in execution order; of a list of plans (one per seed of an
+    experiment, ``Plan.seed`` set, ``out`` = ``seed_out(OUT, seed)``): the datasets' prepare
+    steps once, then each seed's pre-training, training, evaluation and post-training steps,
+    then one report over OUT."""
+    if isinstance(plan, Plan):
+        return _plan_steps(plan)
+    plans = list(plan)
+    if not plans:
+        raise ValueError("plan_steps: no plan")
+    if len(plans) == 1 and plans[0].seed is None:
+        return _plan_steps(plans[0])
+    if any(p.seed is None for p in plans) or len({p.seed for p in plans}) != len(plans):
+        raise ValueError(f"plan_steps: plans of distinct seeds needed, got seeds {[p.seed for p in plans]}")
+    outs = {os.path.dirname(os.path.normpath(p.out)) for p in plans}
+    if len(outs) != 1 or any(os.path.normpath(p.out) != os.path.normpath(seed_out(next(iter(outs)), p.seed))
+                             for p in plans):
+        raise ValueError(f"plan_steps: the seeds' plans must write to OUT/seed<N> of one OUT, got "
+                         f"{[p.out for p in plans]}")
+    steps: List[Step] = []
+    seen = set()
+    for p in plans:
+        for s in _plan_steps(p):
+            if s.kind == "prepare":  # the datasets are the seeds' common input
+                key = tuple(s.cmd)
+                if key not in seen:
+                    seen.add(key)
+                    steps.append(Step(s.kind, s.name, s.cmd, s.log, s.run, s.creates, list(s.needs)))
+    for p in plans:
+        steps += [s for s in _plan_steps(p) if s.kind not in ("prepare", "report")]
+    out = next(iter(outs))
+    steps.append(Step("report", "report", ["python", "-m", "moe_plugin.tools.report", out]))
+    return steps
+
+
+def _plan_steps(plan: Plan) -> List[Step]:
     steps: List[Step] = []
     used = []
     for run in plan.runs:
@@ -329,7 +389,8 @@ def plan_steps(plan: Plan) -> List[Step]:
         ds = plan.datasets[key]
         for i, cmd in enumerate(ds.prepare):
             creates = ds.prepare_creates[i] if i < len(ds.prepare_creates) else None
-            steps.append(Step("prepare", f"{key}:{i}", cmd, creates=creates or os.path.join(ds.data_bin, "dict.txt")))
+            steps.append(Step("prepare", f"{key}:{i}", cmd, creates=creates or os.path.join(ds.data_bin, "dict.txt"),
+                              seed=plan.seed))
     done = set()
     pending = list(plan.runs)
     while pending:  # runs in order, a run after the runs it needs
@@ -339,23 +400,51 @@ def plan_steps(plan: Plan) -> List[Step]:
                 continue
             rd = plan.run_dir(run)
             for name, cmd in run.pre:
-                steps.append(Step("pre", f"{run.name}:{name}", cmd, log=os.path.join(rd, f"{name}.log"), run=run.name))
+                steps.append(Step("pre", f"{run.name}:{name}", cmd, log=os.path.join(rd, f"{name}.log"), run=run.name,
+                                  seed=plan.seed))
             log = os.path.join(rd, "train.sbatch.log" if plan.launcher.captures_own_log() else "train.log")
             steps.append(Step("train", run.name, train_command(plan, run), log=log,
-                              run=run.name, creates=os.path.join(rd, "train.done")))
+                              run=run.name, creates=os.path.join(rd, "train.done"), seed=plan.seed))
             own_log = plan.launcher.captures_own_log() and distributed_eval(plan, run)
             for ev in run.evals:
                 elog = os.path.join(rd, f"eval_{ev.name}.log")
                 steps.append(Step("eval", f"{run.name}:{ev.name}", eval_command(plan, run, ev),
-                                  log=elog + ".sbatch" if own_log else elog, run=run.name, result_log=elog))
+                                  log=elog + ".sbatch" if own_log else elog, run=run.name, result_log=elog,
+                                  seed=plan.seed))
             done.add(run.name)
             pending.remove(run)
             progressed = True
         if not progressed:
             raise ValueError(f"runs with unknown or circular needs: {[r.name for r in pending]}")
-    steps.extend(plan.post)
-    steps.append(Step("report", "report", ["python", "-m", "moe_plugin.tools.report", plan.out]))
+    for s in plan.post:  # the experiment's own steps (its Step objects: copied, with the plan's seed)
+        steps.append(Step(s.kind, s.name, s.cmd, s.log, s.run, s.creates, list(s.needs), s.result_log, plan.seed))
+    steps.append(Step("report", "report", ["python", "-m", "moe_plugin.tools.report", plan.out], seed=plan.seed))
     return steps
+
+
+def check_seeds(seeds, option: str = "--seeds") -> List[int]:
+    """``seeds`` as a list of distinct non-negative ints; else ValueError naming ``option``."""
+    seeds = list(seeds)
+    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds) or \
+            len(set(seeds)) != len(seeds):
+        raise ValueError(f"{option}: {seeds!r}; allowed: one or more distinct non-negative integer seeds, "
+                         "e.g. 1,2,3")
+    return seeds
+
+
+def parse_seeds(text: str, option: str = "--seeds") -> List[int]:
+    """``"1,2,3"`` -> [1, 2, 3] (the runner's ``--seeds``); ValueError naming the option otherwise."""
+    try:
+        seeds = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{option}: {text!r}; allowed: comma-separated distinct non-negative integers, "
+                         "e.g. 1,2,3") from None
+    return check_seeds(seeds, option)
+
+
+def seed_out(out: str, seed: int) -> str:
+    """Where seed ``seed`` of an experiment whose output is ``out`` goes: ``out/seed<N>``."""
+    return os.path.join(out, f"seed{seed}")
 
 
 def scale_updates(hp: Dict[str, object], updates: int) -> Dict[str, object]:

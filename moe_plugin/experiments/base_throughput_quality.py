@@ -24,6 +24,7 @@ from moe_plugin.models.archs import DENSE_ARCH
 from moe_plugin.experiments import _plan as P
 from moe_plugin.experiments import register_experiment
 from moe_plugin.tools import report as T
+from moe_plugin.tools.stats import Claim
 
 NAME = "base_throughput_quality"
 
@@ -34,6 +35,14 @@ PAPER = {
     "tokens_per_s": {"data_parallel": 600_000, "model_parallel_x2": 224_000, "top2": 292_000,
                      "switch": 469_000, "base": 545_000, "base_x2": 475_000},
 }
+
+
+#: the paper's qualitative claims, run names of this plan; the report ends the table with their
+#: verdicts (moe_plugin.tools.stats: "at least as good" is confirmed only beyond the seeds' spread)
+CLAIMS = [
+    Claim("BASE is at least as good as Switch and top-2 at equal compute (test perplexity at equal updates)",
+          a=("base",), b=("switch", "top2")),
+]
 
 
 def table(runs: List[dict]) -> List[str]:

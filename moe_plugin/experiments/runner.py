@@ -8,16 +8,21 @@ An experiment (``moe_plugin/experiments/<name>.py``, registered in
 (``moe_plugin.tools.commands``), and writes every run's logs and metadata where
 ``python -m moe_plugin.tools.report`` finds them::
 
-    OUT/                    results/reproduce/<experiment>/<scale> by default
-      <run>/run.json        label, arch, dataset, unit (ppl|bpc), commands, paper key
-      <run>/train.log       fairseq-train's output (stdout+stderr)
-      <run>/eval_<e>.log    fairseq-eval-lm's output, one per evaluation
-      <run>/checkpoints/
-      <extra steps>/        K sweep tables, routing analysis
-      report.md, plots/     python -m moe_plugin.tools.report OUT
+    OUT/                        results/reproduce/<experiment>/<scale> by default
+      seed<N>/                  one replicate of the experiment per seed (--seeds, default: the scale's)
+        <run>/run.json          label, arch, dataset, unit (ppl|bpc), seed, commands, paper key
+        <run>/train.log         fairseq-train's output (stdout+stderr)
+        <run>/eval_<e>.log      fairseq-eval-lm's output, one per evaluation
+        <run>/checkpoints/
+        <extra steps>/          K sweep tables, routing analysis (of this seed's checkpoints)
+      report.md, plots/         python -m moe_plugin.tools.report OUT: each run's seeds grouped
+                                (mean ± spread), the paper's claims with their verdicts
 
-Commands run from the repository root; relative paths in them (``--out``, ``--data-root``)
-are relative to it. A finished step is skipped, so an interrupted experiment resumes.
+The experiment's plan is built once per seed (``moe_plugin.experiments._plan``: a seed is a
+complete replicate, so the steps an experiment derives from its output directory, such as the
+k-means table from the dense run's checkpoint, read the same seed's files). Commands run from
+the repository root; relative paths in them (``--out``, ``--data-root``) are relative to it.
+A finished step is skipped, so an interrupted experiment resumes.
 """
 
 import argparse
@@ -29,10 +34,11 @@ import shlex
 import shutil
 import sys
 import time
-from typing import List, Optional
+from typing import List, Optional, Sequence, Tuple, Union
 
 from moe_plugin.experiments import EXPERIMENTS
-from moe_plugin.experiments._plan import ROOT, SCALES, Plan, Run, Step, eval_command, plan_steps, train_command
+from moe_plugin.experiments._plan import (DEFAULT_SEEDS, ROOT, SCALES, Plan, Run, Step, eval_command, parse_seeds,
+                                          plan_steps, seed_out, train_command)
 from moe_plugin.tools import commands
 
 
@@ -54,6 +60,9 @@ def run_meta(plan: Plan, run: Run) -> dict:
         "evals": [dict(name=e.name, split=e.split, overrides=e.overrides, label=e.label or e.name,
                        log=f"eval_{e.name}.log", command=shlex.join(eval_command(plan, run, e))) for e in run.evals],
         "hp": dict(plan.hp), "meta": dict(run.meta), "order": plan.runs.index(run),
+        # the seed of a seeded plan (OUT/seed<N>/<run>; the report groups a run's seeds); None: an
+        # unseeded plan (OUT/<run>, trained with hp["seed"])
+        "seed": plan.seed, "seeds": list(plan.seeds),
     }
 
 
@@ -74,13 +83,22 @@ def eval_done(log: str) -> bool:
         return False
 
 
-def execute(plan: Plan, steps: List[Step], force: bool = False) -> None:
-    """Run the steps in order, skipping those done already (unless ``force``); every run's
-    run.json says how far it got. A failing command raises commands.CommandFailed."""
+def _as_plans(plans: Union[Plan, Sequence[Plan]]) -> List[Plan]:
+    return [plans] if isinstance(plans, Plan) else list(plans)
+
+
+def execute(plans: Union[Plan, Sequence[Plan]], steps: List[Step], force: bool = False) -> None:
+    """Run the steps of a plan, or of the seeds' plans of an experiment, in order, skipping
+    those done already (unless ``force``); every run's run.json says how far it got. A
+    failing command raises commands.CommandFailed."""
     t_start = time.time()
-    for run in plan.runs:
-        done = os.path.exists(os.path.join(ROOT, plan.run_dir(run), "train.done")) and not force
-        write_run_json(plan, run, "trained" if done else "pending")
+    plans = _as_plans(plans)
+    by_seed = {p.seed: p for p in plans}
+    for plan in plans:
+        for run in plan.runs:
+            done = os.path.exists(os.path.join(ROOT, plan.run_dir(run), "train.done")) and not force
+            write_run_json(plan, run, "trained" if done else "pending")
+    report_out = steps[-1].cmd[-1] if steps and steps[-1].kind == "report" else plans[0].out
     for i, step in enumerate(steps, 1):
         absolute = lambda p: os.path.join(ROOT, p) if p else p  # noqa: E731
         if step.creates and os.path.exists(absolute(step.creates)) and not force:
@@ -94,9 +112,10 @@ def execute(plan: Plan, steps: List[Step], force: bool = False) -> None:
         if step.kind == "report":
             from moe_plugin.tools import report
 
-            report.main([absolute(plan.out)])
+            report.main([absolute(step.cmd[-1])])
             continue
         append = False
+        plan = by_seed.get(step.seed, plans[0])
         if step.kind == "train":
             run = plan.run_named(step.run)
             write_run_json(plan, run, "training")
@@ -109,13 +128,19 @@ def execute(plan: Plan, steps: List[Step], force: bool = False) -> None:
             with open(absolute(step.creates), "w") as f:
                 f.write(shlex.join(step.cmd) + "\n")
             write_run_json(plan, plan.run_named(step.run), "trained")
-    print(f"[reproduce] {plan.experiment} --scale {plan.scale}: done in {(time.time() - t_start) / 60:.1f} min; "
-          f"report: {os.path.join(plan.out, 'report.md')}", flush=True)
+    print(f"[reproduce] {plans[0].experiment} --scale {plans[0].scale}: done in {(time.time() - t_start) / 60:.1f} "
+          f"min; report: {os.path.join(report_out, 'report.md')}", flush=True)
 
 
-def print_dry_run(plan: Plan, steps: List[Step]) -> None:
+def print_dry_run(plans: Union[Plan, Sequence[Plan]], steps: List[Step]) -> None:
+    plans = _as_plans(plans)
+    plan = plans[0]
     print(f"# {plan.title}")
     print(f"# scale {plan.scale}: {plan.device.upper()}, {plan.launcher.describe()}; run from {ROOT}")
+    if plan.seed is not None:
+        out = os.path.dirname(os.path.normpath(plan.out))
+        print(f"# seeds {','.join(str(p.seed) for p in plans)}: every run trained once per seed, into "
+              f"{os.path.join(out, 'seed<N>')}; the report groups a run's seeds: {out}")
     for n in plan.notes:
         print(f"# {n}")
     for step in steps:
@@ -138,6 +163,9 @@ def experiment_parser(name: str) -> argparse.ArgumentParser:
                    help="where the tiny scale's synthetic corpora go")
     p.add_argument("--only", default="", help="comma-separated run names to run (default: all)")
     p.add_argument("--updates", type=int, default=0, help="override the number of updates of every run")
+    p.add_argument("--seeds", default="", help="comma-separated training seeds, each run trained once per seed "
+                   "into OUT/seed<N> (default: " + ", ".join(f"{s} {','.join(map(str, v))}" for s, v in
+                                                             DEFAULT_SEEDS.items()) + ")")
     p.add_argument("--force", action="store_true", help="redo steps whose outputs exist")
     p.add_argument("--list", action="store_true", help="list the runs and exit")
     if exp.add_arguments:
@@ -145,8 +173,23 @@ def experiment_parser(name: str) -> argparse.ArgumentParser:
     return p
 
 
-def main(name: str, argv=None) -> Plan:
-    """Experiment ``name`` with command line ``argv``: list, print or run its plan; returns it."""
+def _only(p: argparse.ArgumentParser, plan: Plan, only: str) -> Plan:
+    """--only: the named runs and the runs they need (and the extra steps of those runs only)."""
+    keep = {s.strip() for s in only.split(",") if s.strip()}
+    unknown = keep - {r.name for r in plan.runs}
+    if unknown:
+        p.error(f"--only: unknown run(s) {sorted(unknown)}; runs: {', '.join(r.name for r in plan.runs)}")
+    needed = set(keep)
+    for r in plan.runs:
+        if r.name in keep:
+            needed.update(r.needs)
+    plan.runs = [r for r in plan.runs if r.name in needed]
+    plan.post = [s for s in plan.post if set(s.needs) <= needed]
+    return plan
+
+
+def build(name: str, argv=None) -> Tuple[argparse.Namespace, argparse.ArgumentParser, Plan]:
+    """(parsed command line, parser, the experiment's plan without a seed: runs in OUT/<run>)."""
     if name not in EXPERIMENTS:
         raise ValueError(f"experiment {name!r}; registered: {', '.join(EXPERIMENTS)}")
     p = experiment_parser(name)
@@ -154,35 +197,60 @@ def main(name: str, argv=None) -> Plan:
     args.out = args.out or os.path.join("results", "reproduce", name, args.scale)
     if os.path.isabs(args.out) and args.out.startswith(ROOT + os.sep):
         args.out = os.path.relpath(args.out, ROOT)
+    if args.seeds:
+        try:
+            args.seeds = parse_seeds(args.seeds)
+        except ValueError as e:
+            p.error(str(e))
     plan = EXPERIMENTS[name].build_plan(args.scale, args)
     plan.out = args.out
+    if args.seeds:
+        plan.seeds = list(args.seeds)
     if args.only:
-        keep = {s.strip() for s in args.only.split(",") if s.strip()}
-        unknown = keep - {r.name for r in plan.runs}
-        if unknown:
-            p.error(f"--only: unknown run(s) {sorted(unknown)}; runs: {', '.join(r.name for r in plan.runs)}")
-        needed = set(keep)
-        for r in plan.runs:
-            if r.name in keep:
-                needed.update(r.needs)
-        plan.runs = [r for r in plan.runs if r.name in needed]
-        plan.post = [s for s in plan.post if set(s.needs) <= needed]
+        _only(p, plan, args.only)
+    return args, p, plan
+
+
+def seed_plans(name: str, args: argparse.Namespace, p: argparse.ArgumentParser, plan: Plan) -> List[Plan]:
+    """The experiment's plan once per seed of ``plan.seeds``: built with ``--out`` OUT/seed<N>
+    (every path the experiment derives from it is the seed's) and ``--seed N``."""
+    plans = []
+    for seed in plan.seeds:
+        a = argparse.Namespace(**vars(args))
+        a.out = seed_out(args.out, seed)
+        sp = EXPERIMENTS[name].build_plan(args.scale, a)
+        sp.out, sp.seed, sp.seeds = a.out, seed, list(plan.seeds)
+        sp.hp["seed"] = seed
+        if args.only:
+            _only(p, sp, args.only)
+        plans.append(sp)
+    return plans
+
+
+def main(name: str, argv=None) -> List[Plan]:
+    """Experiment ``name`` with command line ``argv``: list, print or run its plan, once per
+    seed; returns the seeds' plans (in seed order)."""
+    args, p, plan = build(name, argv)
+    plans = seed_plans(name, args, p, plan)
     if args.list:
+        print(f"# seeds {','.join(map(str, plan.seeds))}: every run trained once per seed")
         for r in plan.runs:
             print(f"{r.name:24s} {r.arch:16s} {r.dataset:14s} {r.label}")
-        return plan
-    steps = plan_steps(plan)
+        return plans
+    steps = plan_steps(plans)
     if args.dry_run:
-        print_dry_run(plan, steps)
-        return plan
-    execute(plan, steps, force=args.force)
-    return plan
+        print_dry_run(plans, steps)
+        return plans
+    execute(plans, steps, force=args.force)
+    return plans
 
 
 def plan_of(name: str, scale: str, argv=()) -> Plan:
-    """The plan experiment ``name`` builds for ``scale`` with default options (and its default --out)."""
+    """The plan experiment ``name`` builds for ``scale`` with default options (and its default
+    --out), without a seed: one hydra config per run (``--seed`` of the scale's hyperparameters,
+    OUT/<run>; the runner gives each seed its own ``--seed`` and directory)."""
     with contextlib.redirect_stdout(io.StringIO()):
-        return main(name, ["--scale", scale, "--list", *argv])
+        return build(name, ["--scale", scale, *argv])[2]
 
 
 def _cli(argv=None) -> int:

@@ -24,6 +24,7 @@ from typing import List
 from moe_plugin.experiments import _plan as P
 from moe_plugin.experiments import register_experiment
 from moe_plugin.tools import report as T
+from moe_plugin.tools.stats import Claim
 
 NAME = "sam_k_quality"
 
@@ -32,6 +33,15 @@ PAPER = {
     "source": "Jiang et al. 2021: no table could be read (only the abstract is available)",
     "verified": False,
 }
+
+
+#: the paper's qualitative claim, run names of this plan; the report ends the table with its
+#: verdict (moe_plugin.tools.stats). At equal compute only under --equal-compute (experts of
+#: hidden F/K); by default SAM K=k activates k experts of the same size as Switch's one.
+CLAIMS = [
+    Claim("SAM with K > 1 activated experts (K=2 and K=4) beats Switch (top-1) at equal compute",
+          a=("sam_k2", "sam_k4"), b=("switch",)),
+]
 
 
 def table(runs: List[dict]) -> List[str]:

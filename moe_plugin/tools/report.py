@@ -23,6 +23,14 @@ experiment. Writes ``report.md``, ``report.json`` and ``plots/*.png`` (matplotli
   its table renderer and plot are reused) and the routing analyses of
   ``python -m moe_plugin.tools.analysis`` (``analysis.md`` in a sub-directory).
 
+Seeds: the runner writes each seed of an experiment to ``OUT/seed<N>/<run>/`` (run.json
+``seed``); the report groups the seed directories of one run (:func:`group_seeds`) into one
+row whose figures are :class:`moe_plugin.tools.stats.Estimate`\ s (the mean over seeds,
+printed "mean ± sample std (n=N)"; the curves are the seeds' mean), and ends each
+experiment's table with the verdicts on its paper's claims (the experiment module's
+``CLAIMS``, ``moe_plugin.tools.stats.verdicts``). A run directory without a seed (the layout
+before seeds, ``OUT/<run>/``, or a hand-made one) is a row of its own, as before.
+
 Units: fairseq logs ``nll_loss`` in bits per token (``moe_cross_entropy`` divides by
 ln 2) and fairseq-eval-lm prints "Loss (base 2)"; on the character-level data-bins of
 ``data-prep/charlevel.py`` one token is one character, so these are bits per character
@@ -39,6 +47,9 @@ import statistics
 import sys
 from datetime import datetime
 from typing import Dict, List, Optional
+
+from moe_plugin.tools import stats
+from moe_plugin.tools.stats import Estimate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -190,9 +201,15 @@ def parse_eval_log(path: str) -> Optional[Dict[str, float]]:
 
 
 def layer_mean(rec: dict, name: str) -> Optional[float]:
-    """Mean of the per-layer metric ``moe_l{i}_<name>`` over the layers of a log record (None if none)."""
-    vals = [float(v) for k, v in rec.items() if re.fullmatch(rf"moe_l\d+_{name}", k) and isinstance(v, (int, float))]
-    return sum(vals) / len(vals) if vals else None
+    """Mean of the per-layer metric ``moe_l{i}_<name>`` over the layers of a log record (None if
+    none); of a seed-grouped record, the Estimate over seeds of each seed's layer mean."""
+    vals = [v for k, v in rec.items() if re.fullmatch(rf"moe_l\d+_{name}", k) and isinstance(v, (int, float))]
+    if not vals:
+        return None
+    if all(isinstance(v, Estimate) for v in vals) and len({v.seeds for v in vals}) == 1:
+        return Estimate([sum(per) / len(per) for per in zip(*(v.values for v in vals))], vals[0].seeds)
+    vals = [float(v) for v in vals]
+    return sum(vals) / len(vals)
 
 
 def load_run(run_dir: str) -> dict:
@@ -206,6 +223,7 @@ def load_run(run_dir: str) -> dict:
     name = meta.get("name") or os.path.basename(os.path.normpath(run_dir))
     run = {
         "dir": run_dir, "name": name, "label": meta.get("label") or name,
+        "seed": meta.get("seed"),
         "arch": meta.get("arch") or log["arch"] or "?", "group": meta.get("group", "main"),
         "script": meta.get("script"), "scale": meta.get("scale"), "dataset": meta.get("dataset", ""),
         "dataset_label": meta.get("dataset_label", meta.get("dataset", "")), "unit": meta.get("unit", "ppl"),
@@ -244,6 +262,83 @@ def load_run(run_dir: str) -> dict:
     return run
 
 
+def _mean_record(recs: List[dict], seeds: list) -> dict:
+    """The per-seed records' numeric fields as Estimates over the seeds that have them."""
+    out = {}
+    for k in dict.fromkeys(k for r in recs for k in r):
+        vals = [(r[k], s) for r, s in zip(recs, seeds) if isinstance(r.get(k), (int, float))
+                and not isinstance(r.get(k), bool)]
+        if vals:
+            e = stats.aggregate([v for v, _ in vals], [s for _, s in vals])
+            if e is not None:
+                out[k] = e
+        elif recs and k in recs[0]:
+            out[k] = recs[0][k]
+    return out
+
+
+def _mean_curve(curves: List[list]) -> list:
+    """The mean over seeds of curves of (update, value...) tuples, at the updates every curve has."""
+    if not curves:
+        return []
+    common = set.intersection(*({c[0] for c in curve} for curve in curves))
+    by = [{c[0]: c for c in curve} for curve in curves]
+    out = []
+    for u in sorted(common):
+        cols = list(zip(*(b[u][1:] for b in by)))
+        out.append((u, *[math.fsum(col) / len(col) for col in cols]))
+    return out
+
+
+def group_seeds(runs: List[dict]) -> List[dict]:
+    """One row per run: the seed directories of one run (run.json ``seed``, the runner's
+    ``OUT/seed<N>/<run>``) merged into a run dict of the same keys whose figures are
+    Estimates over its seeds (valid record, evaluations, words/s, wall time, the last train
+    record; curves: the seeds' mean at their common updates), with ``seeds`` = the per-seed
+    runs; a run without a seed stays as it is. In the order of each group's first run."""
+    groups: Dict[tuple, List[dict]] = {}
+    for r in runs:
+        if r.get("seed") is None:
+            groups[("dir", r["dir"])] = [r]
+            continue
+        root = os.path.dirname(os.path.dirname(os.path.normpath(r["dir"])))  # OUT of OUT/seed<N>/<run>
+        groups.setdefault(("seeds", root, r["script"], r["scale"], r["name"]), []).append(r)
+    out = []
+    for key, rs in groups.items():
+        if key[0] == "dir":
+            out.append(rs[0])
+            continue
+        rs = sorted(rs, key=lambda r: r["seed"])
+        done = [r for r in rs if r["status"] != "not run"] or rs
+        seeds = [r["seed"] for r in done]
+        first = done[0]
+        m = dict(first)
+        m.update({
+            "dir": os.path.join(key[1], first["name"]), "seeds": rs, "seed": None, "seed_list": seeds,
+            "status": first["status"] if all(r["status"] == "not run" for r in rs) else next(
+                r["status"] for r in rs if r["status"] != "not run"),
+            "valid_final": _mean_record([r["valid_final"] for r in done], seeds),
+            "valid_curve": _mean_curve([r["valid_curve"] for r in done]),
+            "updates": min(r["updates"] for r in done),
+            "wps": stats.aggregate([r["wps"] for r in done], seeds),
+            "wall": stats.aggregate([r["wall"] for r in done], seeds),
+            "load_series": {layer: _mean_curve([r["load_series"].get(layer, []) for r in done])
+                            for layer in sorted({k for r in done for k in r["load_series"]})},
+            "evals": {},
+        })
+        for name in dict.fromkeys(n for r in done for n in r["evals"]):
+            have = [(r["evals"][name], r["seed"]) for r in done if name in r["evals"]]
+            ev = _mean_record([e for e, _ in have], [s for _, s in have])
+            ev["label"] = have[0][0].get("label", name)
+            m["evals"][name] = ev
+        last_train = [(r["log"]["train"][-1], r["seed"]) for r in done if r["log"]["train"]]
+        m["log"] = {"train_inner": [], "valid": [], "arch": first["log"].get("arch"), "done_seconds": None,
+                    "train": [_mean_record([t for t, _ in last_train], [s for _, s in last_train])]
+                    if last_train else []}
+        out.append(m)
+    return out
+
+
 def find_run_dirs(paths: List[str]) -> List[str]:
     out = []
     for p in paths:
@@ -266,18 +361,25 @@ def find_run_dirs(paths: List[str]) -> List[str]:
 
 
 def fmt(v, spec=".2f", none="-"):
+    """``format(v, spec)``; an Estimate (a seed mean) as "mean ± spread (n=N)"; ``none`` for no value."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return none
     return format(v, spec)
 
 
+def _figure(v):
+    """A log figure as a float (an Estimate over seeds stays one)."""
+    return v if isinstance(v, Estimate) else float(v)
+
+
 def metric_value(run: dict, kind: str = "valid", eval_name: str = "test") -> Optional[float]:
-    """The run's quality figure in its unit: perplexity, or bits per character."""
+    """The run's quality figure in its unit: perplexity, or bits per character (of a
+    seed-grouped run: the Estimate over its seeds)."""
     if kind == "valid":
         v = run["valid_final"]
         if not v:
             return None
-        return float(v["nll_loss"]) if run["unit"] == "bpc" else float(v["ppl"])
+        return _figure(v["nll_loss"]) if run["unit"] == "bpc" else _figure(v["ppl"])
     ev = run["evals"].get(eval_name)
     if ev is None:
         return None
@@ -289,7 +391,11 @@ def unit_name(unit: str) -> str:
 
 
 def value_at_wall(run: dict, t: float) -> Optional[float]:
-    """Valid figure (in the run's unit) linearly interpolated at wall time t (None outside)."""
+    """Valid figure (in the run's unit) linearly interpolated at wall time t (None outside); of
+    a seed-grouped run, the Estimate over the seeds whose curves reach t."""
+    if run.get("seeds"):
+        vals = [(value_at_wall(r, t), r["seed"]) for r in run["seeds"]]
+        return stats.aggregate([v for v, _ in vals], [s for _, s in vals])
     pts = [(w, (nll if run["unit"] == "bpc" else ppl)) for (_u, w, nll, ppl) in run["valid_curve"] if not math.isnan(w)]
     if not pts or t < pts[0][0] - 1e-9 or t > pts[-1][0] + 1e-9:
         return None
@@ -411,6 +517,9 @@ def sweep_section(sweep_json: str, plots_dir: str, unit: str = "ppl") -> List[st
     from moe_plugin.tools import sweep_topk as sweep
 
     name = os.path.basename(os.path.dirname(sweep_json))
+    parent = os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(sweep_json))))
+    if re.fullmatch(r"seed\d+", parent):  # one sweep per seed (OUT/seed<N>/sweep_*): told apart
+        name = f"{name}_{parent}"
     lines = [f"### K sweep: {name}", "", f"Perplexity at inference with K experts per token "
              f"(moe_plugin.tools.sweep_topk; {os.path.relpath(sweep_json)}).", "", sweep.render_table(rows, ks), ""]
     if unit == "bpc":
@@ -441,6 +550,9 @@ def analysis_section(analysis_md: str) -> List[str]:
         if keep:
             out.append(line)
     title = text.splitlines()[0].lstrip("# ") if text else analysis_md
+    parent = os.path.basename(os.path.dirname(os.path.dirname(os.path.abspath(analysis_md))))
+    if re.fullmatch(r"seed\d+", parent):  # one analysis per seed (OUT/seed<N>/analysis_*)
+        title += f" ({parent})"
     return [f"### {title}", "", *out, f"Per-expert tokens: {os.path.relpath(analysis_md)}", ""]
 
 
@@ -449,8 +561,31 @@ def analysis_section(analysis_md: str) -> List[str]:
 # ----------------------------------------------------------------------------------------
 
 
+def claims_of(experiment, scale: Optional[str]) -> list:
+    """The paper's claims of a registered experiment at ``scale``: its module's ``CLAIMS`` (a
+    list, or a dict scale -> list; none when the module declares none)."""
+    import importlib
+
+    module = importlib.import_module(experiment.build_plan.__module__)
+    return stats.claims_for(getattr(module, "CLAIMS", ()), scale)
+
+
+def claims_section(experiment, runs: List[dict]) -> List[str]:
+    """The verdicts on the experiment's claims, per scale among ``runs`` (seed-grouped runs)."""
+    lines = []
+    for scale in dict.fromkeys(r["scale"] for r in runs):
+        claims = claims_of(experiment, scale)
+        if claims:
+            rs = [r for r in runs if r["scale"] == scale]
+            seeds = sorted({s for r in rs for s in (r.get("seed_list") or [])})
+            title = "The paper's claims" + (f" at {scale} scale" if scale else "") + (f" (seeds {', '.join(map(str, seeds))})" if seeds
+                                                               else " (one run each: no spread)")
+            lines += stats.verdicts(claims, rs, title=title)
+    return lines
+
+
 def build_report(run_dirs: List[str], out: str, title: str = "") -> str:
-    runs = [load_run(d) for d in run_dirs]
+    runs = group_seeds([load_run(d) for d in run_dirs])
     # the scripts' order (run.json "order"), then the directories' order
     runs = [r for _, r in sorted(enumerate(runs), key=lambda ir: (ir[1]["script"] or "", ir[1]["order"], ir[0]))]
     plots = os.path.join(out, "plots")
@@ -460,16 +595,17 @@ def build_report(run_dirs: List[str], out: str, title: str = "") -> str:
     lines = [f"# {title or ('Reproduction report: ' + ', '.join(scripts) if scripts else 'Training report')}", ""]
     if scale:
         lines += [f"Scale: {', '.join(scale)}. Generated by `python -m moe_plugin.tools.report` from the fairseq logs in "
-                  f"{', '.join(sorted({os.path.relpath(os.path.dirname(d)) for d in run_dirs}))}.", ""]
+                  f"{', '.join(sorted({os.path.relpath(os.path.dirname(r['dir'])) for r in runs}))}.", ""]
     from moe_plugin.experiments import EXPERIMENTS  # the paper tables and their published numbers
 
     for script in scripts:
         rs = [r for r in runs if r["script"] == script]
         if script in EXPERIMENTS and rs:
-            lines += [f"## {script}", ""] + EXPERIMENTS[script].table(rs)
+            lines += [f"## {script}", ""] + EXPERIMENTS[script].table(rs) + claims_section(EXPERIMENTS[script], rs)
     lines += ["## All runs", ""] + summary_table(runs) + [
         "", "valid: last validation of the train log; test columns: fairseq-eval-lm (per evaluation); "
-        "BPC rows are bits per character. words/s: median over the train log's intervals.", ""]
+        "BPC rows are bits per character. words/s: median over the train log's intervals. A run of several seeds: "
+        "mean ± sample standard deviation over its seeds (n = seeds with the figure).", ""]
     # curves per group
     groups = []
     for r in runs:
@@ -515,7 +651,7 @@ def build_report(run_dirs: List[str], out: str, title: str = "") -> str:
             root = ROOT  # sweep_topk runs from here
             paths = [p for c in ckpts for p in (os.path.abspath(c), os.path.join(root, c))]
             for r in runs:
-                if any(p.startswith(os.path.abspath(r["dir"]) + os.sep) for p in paths):
+                if any(p.startswith(os.path.abspath(d["dir"]) + os.sep) for p in paths for d in r.get("seeds") or [r]):
                     unit = r["unit"]
             lines += sweep_section(s, plots, unit)
     if analyses:
@@ -525,8 +661,9 @@ def build_report(run_dirs: List[str], out: str, title: str = "") -> str:
     text = "\n".join(lines) + "\n"
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(text)
-    with open(os.path.join(out, "report.json"), "w") as f:
-        json.dump([{k: v for k, v in r.items() if k != "log"} for r in runs], f, indent=1, default=str)
+    with open(os.path.join(out, "report.json"), "w") as f:  # one record per run directory (per seed)
+        json.dump([{k: v for k, v in d.items() if k != "log"} for r in runs for d in r.get("seeds") or [r]], f,
+                  indent=1, default=str)
     return text
 
 
