@@ -29,37 +29,65 @@ import numpy as np
 
 
 def build_source(seed: int, vocab_size: int, domains: int, domain_vocab: int, shared_vocab: int,
-                 successors: int, alpha: float, end_prob: float, min_len: int) -> dict:
+                 successors: int, alpha: float, end_prob: float, min_len: int, order: int = 2,
+                 disjoint: bool = False) -> dict:
+    """The source's tables (what source.npz holds), deterministic from ``seed``.
+
+    vocab_DN (D, n): global id of each domain's local word; words ``0..shared_vocab-1`` are in
+    every domain, the others are drawn from the pool ``shared_vocab..vocab_size-1`` (with
+    ``disjoint``: a random partition of the pool, so every non-shared word names its domain).
+    succ, probs (D, n+1, n+1, S): context (a, b) of local ids (START = n) -> the S possible next
+    local ids and their probabilities. ``order=1``: the next word depends on b only (every a
+    holds the same row), stored in the order-2 layout so sampling and likelihood are one code.
+    The default (order 2, not disjoint) draws exactly what it always drew.
+    """
     rng = np.random.default_rng(seed)
-    if not 0 < shared_vocab <= domain_vocab <= vocab_size:
-        raise ValueError("need 0 < --shared-vocab <= --domain-vocab <= --vocab-size")
+    if order not in (1, 2):
+        raise ValueError(f"--order: {order} is not allowed; it must be 1 or 2")
+    if not (0 if disjoint else 1) <= shared_vocab <= domain_vocab <= vocab_size:
+        raise ValueError("need 0 < --shared-vocab <= --domain-vocab <= --vocab-size "
+                         "(--shared-vocab 0 is allowed with --disjoint)")
     if successors > domain_vocab:
         raise ValueError("--successors must be <= --domain-vocab")
     n = domain_vocab
+    need = shared_vocab + domains * (n - shared_vocab)
+    if disjoint and vocab_size < need:
+        raise ValueError(f"--vocab-size: {vocab_size} is not allowed with --disjoint; it must be >= "
+                         f"--shared-vocab + --domains * (--domain-vocab - --shared-vocab) = {need}")
     vocab_DN = np.empty((domains, n), dtype=np.int64)  # local index -> global token id
     pool = np.arange(shared_vocab, vocab_size)
+    if disjoint:
+        pool = rng.permutation(pool)[: need - shared_vocab].reshape(domains, n - shared_vocab)
     for d in range(domains):
-        own = rng.choice(pool, size=n - shared_vocab, replace=False)
+        own = pool[d] if disjoint else rng.choice(pool, size=n - shared_vocab, replace=False)
         vocab_DN[d] = np.concatenate([np.arange(shared_vocab), own])
     # contexts: local ids 0..n-1 plus START = n
     succ = np.empty((domains, n + 1, n + 1, successors), dtype=np.int64)
     probs = np.empty((domains, n + 1, n + 1, successors), dtype=np.float64)
     for d in range(domains):
-        keys = rng.random((n + 1, n + 1, n))
-        succ[d] = np.argpartition(keys, successors, axis=-1)[..., :successors]
-        probs[d] = rng.dirichlet(np.full(successors, alpha), size=(n + 1, n + 1))
+        if order == 2:
+            keys = rng.random((n + 1, n + 1, n))
+            succ[d] = np.argpartition(keys, successors, axis=-1)[..., :successors]
+            probs[d] = rng.dirichlet(np.full(successors, alpha), size=(n + 1, n + 1))
+        else:  # one row per b, repeated over a
+            keys = rng.random((n + 1, n))
+            succ[d] = np.argpartition(keys, successors, axis=-1)[None, :, :successors]
+            probs[d] = rng.dirichlet(np.full(successors, alpha), size=n + 1)[None]
     pi = rng.dirichlet(np.full(domains, 5.0))
     return dict(vocab_DN=vocab_DN, succ=succ, probs=probs, pi=pi,
                 end_prob=np.float64(end_prob), min_len=np.int64(min_len))
 
 
-def sample_docs(src: dict, num_tokens: int, rng: np.random.Generator, batch: int = 4096):
-    """Documents (lists of global ids) until their tokens plus one end each reach num_tokens."""
+def sample_docs(src: dict, num_tokens: int, rng: np.random.Generator, batch: int = 4096,
+                return_domains: bool = False):
+    """Documents (lists of global ids) until their tokens plus one end each reach num_tokens;
+    with ``return_domains`` also the list of each document's domain (same order). The random
+    stream does not depend on ``return_domains``."""
     succ, probs, vocab_DN = src["succ"], src["probs"], src["vocab_DN"]
     q, min_len = float(src["end_prob"]), int(src["min_len"])
     n = vocab_DN.shape[1]
     cum = np.cumsum(probs, axis=-1)
-    docs, total = [], 0
+    docs, doms, total = [], [], 0
     while total < num_tokens:
         d = rng.choice(len(src["pi"]), size=batch, p=src["pi"])
         a = np.full(batch, n)
@@ -80,12 +108,13 @@ def sample_docs(src: dict, num_tokens: int, rng: np.random.Generator, batch: int
             for i, tok in zip(idx.tolist(), vocab_DN[d[idx], nxt].tolist()):
                 out[i].append(tok)
             a[idx], b[idx] = b[idx], nxt
-        for doc in out:
+        for doc, dom in zip(out, d.tolist()):
             docs.append(doc)
+            doms.append(dom)
             total += len(doc) + 1
             if total >= num_tokens:
                 break
-    return docs
+    return (docs, doms) if return_domains else docs
 
 
 def doc_log_likelihood(src: dict, docs) -> np.ndarray:
@@ -136,6 +165,28 @@ def read_split(path: str):
         return [[int(w[1:]) for w in line.split()] for line in f]
 
 
+def write_domains(path: str, domains) -> None:
+    """``<split>.domains``: line i holds the domain (0..D-1) of the document on line i of
+    ``<split>.txt`` (so also of the i-th ``</s>``-terminated sentence fairseq binarises)."""
+    with open(path, "w") as f:
+        f.write("".join(f"{d}\n" for d in domains))
+
+
+def unigram_cross_entropy(train_docs, docs, vocab: int) -> float:
+    """Per-token cross-entropy (nats) on ``docs`` of the training-unigram model: p(w) =
+    (count_train(w) + 1) / (N_train + vocab + 1) over the source's ``vocab`` word ids and the
+    end of document (counted once per document, like fairseq's ``</s>``), i.e. add-one
+    smoothing so a word unseen in training has finite cost. Every token and end is scored."""
+    counts = np.bincount(np.concatenate([np.asarray(d, dtype=np.int64) for d in train_docs] +
+                                        [np.zeros(0, np.int64)]), minlength=vocab)[:vocab]
+    n_end = len(train_docs)
+    denom = counts.sum() + n_end + vocab + 1
+    logp_V = np.log(counts + 1.0) - np.log(denom)
+    toks = np.concatenate([np.asarray(d, dtype=np.int64) for d in docs] + [np.zeros(0, np.int64)])
+    total = logp_V[toks].sum() + len(docs) * (np.log(n_end + 1.0) - np.log(denom))
+    return float(-total / (toks.size + len(docs)))
+
+
 def truth_of(src: dict, docs) -> dict:
     ll = doc_log_likelihood(src, docs)
     ntok = int(sum(len(d) + 1 for d in docs))
@@ -144,9 +195,24 @@ def truth_of(src: dict, docs) -> dict:
             "cross_entropy_bits": ce / np.log(2), "perplexity": float(np.exp(ce))}
 
 
+# Presets: flag values (any flag given on the command line wins). Sized for scripts/demo.py's
+# budget (4 layers, d=128, FFN 512, 8 experts, 200 updates of 4096 tokens): README, "The
+# synthetic corpus", holds the design and the measurements.
+PRESETS = {
+    "calibrated": dict(order=1, disjoint=True, domains=32, domain_vocab=64, shared_vocab=0,
+                       vocab_size=2048, successors=4, alpha=0.5, end_prob=0.01, min_len=8,
+                       train_tokens=1_000_000),
+    "control": dict(order=1, disjoint=True, domains=2, domain_vocab=64, shared_vocab=0,
+                    vocab_size=128, successors=4, alpha=0.5, end_prob=0.01, min_len=8,
+                    train_tokens=1_000_000),
+}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="a named flag set (PRESETS in this file); flags given explicitly override it")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--train-tokens", type=int, default=2_000_000)
     p.add_argument("--valid-tokens", type=int, default=100_000)
@@ -159,30 +225,48 @@ def main(argv=None) -> int:
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of transitions")
     p.add_argument("--end-prob", type=float, default=0.02)
     p.add_argument("--min-len", type=int, default=8)
+    p.add_argument("--order", type=int, default=2, help="Markov order of each domain's chain: 1 or 2")
+    p.add_argument("--disjoint", action="store_true",
+                   help="partition the non-shared words among the domains (each names its domain)")
+    pre, _ = p.parse_known_args(argv)
+    if pre.preset is not None:
+        p.set_defaults(**PRESETS[pre.preset])
     args = p.parse_args(argv)
     for name in ("train_tokens", "valid_tokens", "test_tokens", "domains", "successors", "min_len"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')}: {getattr(args, name)} is not allowed; it must be >= 1")
+    if args.order not in (1, 2):
+        p.error(f"--order: {args.order} is not allowed; it must be 1 or 2")
     if not 0.0 < args.end_prob < 1.0:
         p.error(f"--end-prob: {args.end_prob} is not allowed; it must be in (0, 1)")
     t0 = time.time()
     src = build_source(args.seed, args.vocab_size, args.domains, args.domain_vocab, args.shared_vocab,
-                       args.successors, args.alpha, args.end_prob, args.min_len)
+                       args.successors, args.alpha, args.end_prob, args.min_len, args.order, args.disjoint)
     os.makedirs(args.out, exist_ok=True)
     np.savez_compressed(os.path.join(args.out, "source.npz"), **src)
     truth = {"config": {k: v for k, v in vars(args).items() if k != "out"}}
+    train_docs = None
     for split, ntok, off in (("train", args.train_tokens, 1), ("valid", args.valid_tokens, 2),
                              ("test", args.test_tokens, 3)):
-        docs = sample_docs(src, ntok, np.random.default_rng([args.seed, off]))
+        docs, doms = sample_docs(src, ntok, np.random.default_rng([args.seed, off]), return_domains=True)
         write_split(os.path.join(args.out, f"{split}.txt"), docs)
-        if split != "train":
+        write_domains(os.path.join(args.out, f"{split}.domains"), doms)
+        if split == "train":
+            train_docs = docs
+        else:
             truth[split] = truth_of(src, docs)
+            ce_uni = unigram_cross_entropy(train_docs, docs, args.vocab_size)
+            truth[split]["unigram_cross_entropy_nats"] = ce_uni
+            truth[split]["unigram_perplexity"] = float(np.exp(ce_uni))
+            # what a model can learn: (CE_unigram - CE_model) / learnable_nats is its learnable fraction
+            truth[split]["learnable_nats"] = ce_uni - truth[split]["cross_entropy_nats"]
         print(f"[synthetic] {split}: {len(docs)} docs, {sum(len(d) + 1 for d in docs)} tokens "
               f"({time.time() - t0:.1f}s)", file=sys.stderr, flush=True)
     with open(os.path.join(args.out, "truth.json"), "w") as f:
         json.dump(truth, f, indent=2)
     print(f"[synthetic] true-source perplexity: valid {truth['valid']['perplexity']:.3f}, "
-          f"test {truth['test']['perplexity']:.3f} -> {args.out}/truth.json", file=sys.stderr)
+          f"test {truth['test']['perplexity']:.3f}; training unigram: test "
+          f"{truth['test']['unigram_perplexity']:.1f} -> {args.out}/truth.json", file=sys.stderr)
     return 0
 
 

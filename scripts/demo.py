@@ -1,34 +1,68 @@
 #!/usr/bin/env python3
-"""make demo: every registered arch against the dense baseline dense_lm on the synthetic corpus.
+"""make demo: every registered arch against the dense baseline dense_lm on the synthetic corpus,
+over seeds, at measured active compute.
 
 1. Generates the synthetic corpus (data-prep/synthetic.py; its truth.json holds the exact
-   perplexity of the generating source) and binarises it with fairseq-preprocess.
-2. Trains the dense baseline ``dense_lm`` (the MoE archs' model without MoE layers, so
+   cross-entropy of the generating source, the floor) and binarises it with fairseq-preprocess.
+2. Counts each arch's active forward FLOPs per token and its parameters on the model built
+   from the flags it trains with (moe_plugin.tools.flops; no data read but the dictionary).
+3. Trains the dense baseline ``dense_lm`` (the MoE archs' model without MoE layers, so
    the same embedding, normalisation and final LayerNorm; fairseq's ``transformer_lm``
    builds another model from the same flags: docs/fidelity.md, section dense) and every
    arch registered by a moe_plugin router (switch_lm, gshard_lm, and whatever later
    routers register) with the same shape and the same active FFN compute per token: an
    arch that activates K experts gets experts of hidden size F/K. Fixed number of updates
-   on CPU.
-3. Evaluates each checkpoint with fairseq-eval-lm on valid and test.
-4. Prints and writes results/demo/results.md (and results.json).
+   on CPU, once per seed of ``--seeds`` (default 1,2; the corpus is the same for every
+   seed: ``--data-seed``), validating on the whole valid set every ``--valid-every``
+   updates (default: 4 times; the curve of the plot, in place of the former fairseq-eval-lm
+   run on valid, so a run costs about what it did; the table's quality figure is test's).
+4. Evaluates each checkpoint with fairseq-eval-lm on test.
+5. Prints and writes results/demo/results.md (and results.json, plots/valid_ppl.png).
 
+Layout of ``--out``: ``seed<N>/<arch>/`` per run (train.log, eval_test.log, run.json,
+checkpoints/), so ``python -m moe_plugin.tools.report results/demo`` reads it too;
+flops.json (the FLOPs reports); results.md, results.json; plots/.
+
+The table (one row per arch, figures = mean ± sample std over the seeds, n = seeds):
+
+* test perplexity (fairseq-eval-lm) and the gap to the floor in nats/token: the model's test
+  cross-entropy minus truth.json's; "learned": (CE_unigram - CE_model) / (CE_unigram -
+  CE_floor), the share of what is learnable beyond the training unigram (CE_unigram: the
+  add-one unigram of train.txt on test.txt, counted as fairseq counts, one end per line);
+* rank: 1 + the number of archs whose gap is smaller by more than the combined spread
+  (``moe_plugin.tools.stats.compare``), so equal ranks are not told apart; "vs dense_lm":
+  better / worse (beyond the spread) / within spread;
+* total and active parameters, active FLOPs/token in evaluation and their ratio to
+  dense_lm's, marked when more than 2% off (``moe_plugin.tools.flops.compare_active_flops``);
+* train words/s (median of the logged intervals after the first);
+* load max/mean and % of token slots dropped AT THE END of training: the last logged
+  train_inner interval (the last tenth of the updates), not the average from update 1.
+
+``--table-only`` renders the table again from the runs already in ``--out`` (no training).
 Run as ``make demo``; ``python scripts/demo.py --help`` for the knobs.
 """
 
 import argparse
+import dataclasses
+import glob
 import json
 import logging
+import math
 import os
 import re
 import shutil
 import sys
 import time
 import warnings
+from collections import Counter
+from typing import Dict, List, Optional, Sequence
 
 from moe_plugin.tools import commands
 
 ROOT = commands.ROOT
+DENSE = "dense_lm"  # moe_plugin.models.archs.DENSE_ARCH (that module imports fairseq; --table-only does not)
+#: vs-dense verdicts of the table
+BETTER, WORSE, WITHIN, NO_SPREAD = "better", "worse", "within spread", "no spread (n<2)"
 
 
 def sh(cmd, log_path=None, echo_prefix=None):
@@ -47,56 +81,39 @@ def sh(cmd, log_path=None, echo_prefix=None):
     return commands.run(cmd, log=log_path, echo=progress).stdout
 
 
-def last_match(pattern, text, group=1, cast=float):
-    ms = re.findall(pattern, text)
-    return cast(ms[-1]) if ms else None
-
-
 def quiet_imports():
     """fairseq and fairscale print warnings and INFO lines on import; the demo does not need them."""
     warnings.filterwarnings("ignore")
     logging.disable(logging.INFO)
 
 
-def main(argv=None):
-    quiet_imports()
-    from moe_plugin.models.archs import ARCHS, DENSE_ARCH
+def parse_seeds(text: str) -> List[int]:
+    """``"1,2"`` -> [1, 2]; ValueError naming ``--seeds`` for anything but distinct integers."""
+    try:
+        seeds = [int(s) for s in str(text).split(",") if s.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds: {text!r} is not allowed; allowed: comma-separated distinct integers, e.g. 1,2")
+    return seeds
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=os.path.join(ROOT, "results", "demo"))
-    p.add_argument("--data", default=os.path.join(ROOT, "data", "synthetic"))
-    p.add_argument("--archs", default="all", help="comma-separated subset, default: dense_lm + every registered arch")
-    p.add_argument("--max-update", type=int, default=200)
-    p.add_argument("--train-tokens", type=int, default=2_000_000)
-    p.add_argument("--embed-dim", type=int, default=128)
-    p.add_argument("--ffn-dim", type=int, default=512)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--tokens-per-sample", type=int, default=128)
-    p.add_argument("--max-tokens", type=int, default=4096)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--seed", type=int, default=1)
-    args = p.parse_args(argv)
-    py = sys.executable
-    os.makedirs(args.out, exist_ok=True)
-    t_start = time.time()
 
-    # 1. corpus ------------------------------------------------------------------------
-    data_bin = os.path.join(args.data, "data-bin")
-    if not os.path.exists(os.path.join(data_bin, "dict.txt")):
-        print(f"[demo] generating the synthetic corpus in {args.data}", flush=True)
-        sh([py, "data-prep/synthetic.py", "--out", args.data, "--seed", str(args.seed),
-            "--train-tokens", str(args.train_tokens)])
-        sh([py, "-m", "fairseq_cli.preprocess", "--only-source", "--trainpref", f"{args.data}/train.txt",
-            "--validpref", f"{args.data}/valid.txt", "--testpref", f"{args.data}/test.txt",
-            "--destdir", data_bin, "--workers", "2"], os.path.join(args.out, "preprocess.log"))
-    truth = json.load(open(os.path.join(args.data, "truth.json")))
+# ----------------------------------------------------------------------------------------
+# Training flags (shared by the runs and the FLOPs count)
+# ----------------------------------------------------------------------------------------
 
-    # 2. train + 3. evaluate --------------------------------------------------------------
-    archs = [DENSE_ARCH] + sorted(ARCHS) if args.archs == "all" else args.archs.split(",")
-    common = [
-        data_bin, "--task", "language_modeling", "--user-dir", os.path.join(ROOT, "moe_plugin"),
-        "--cpu", "--criterion", "moe_cross_entropy", "--seed", str(args.seed),
+
+def valid_every(args) -> int:
+    return args.valid_every if args.valid_every > 0 else max(args.max_update // 4, 1)
+
+
+def train_flags(args, arch: str, seed: int, save_dir: str) -> List[str]:
+    """fairseq-train's flags for ``arch`` at ``seed`` (everything but the data directory, the
+    task, --user-dir and --cpu): what the demo trains with and what its FLOPs are counted on."""
+    from moe_plugin.models.archs import ARCHS, DEMO_ARGS
+
+    flags = [
+        "--arch", arch, "--criterion", "moe_cross_entropy", "--seed", str(seed),
         "--decoder-layers", str(args.layers), "--decoder-embed-dim", str(args.embed_dim),
         "--decoder-ffn-embed-dim", str(args.ffn_dim), "--decoder-attention-heads", "4",
         # the moe_lm archs' defaults, spelled out so that fairseq's transformer_lm (--archs) matches
@@ -106,107 +123,442 @@ def main(argv=None):
         "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", str(args.lr),
         "--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(max(args.max_update // 10, 1)),
         "--clip-norm", "1.0", "--max-update", str(args.max_update), "--log-format", "simple",
-        "--log-interval", str(max(args.max_update // 6, 1)), "--validate-interval-updates", "0",
-        "--no-epoch-checkpoints", "--disable-validation",
+        # the last logged interval is the last tenth of training: the end-of-training load
+        "--log-interval", str(max(args.max_update // 10, 1)),
+        "--validate-interval-updates", str(valid_every(args)),
+        "--no-epoch-checkpoints", "--no-save-optimizer-state", "--save-dir", save_dir,
     ]
-    rows, failed = [], []
-    for arch in archs:
-        t0 = time.time()
-        try:
-            rows.append(run_arch(arch, args, py, data_bin, common, truth))
-        except Exception as e:  # keep going: one broken arch should not hide the others
-            print(f"[demo] {arch}: FAILED ({e})", flush=True)
-            failed.append(arch)
-            continue
-        r = rows[-1]
-        print(f"[demo] {arch}: valid ppl {r['valid_ppl']:.2f}, test ppl {r['test_ppl']:.2f} "
-              f"(true source {truth['valid']['perplexity']:.2f}/{truth['test']['perplexity']:.2f}) "
-              f"[{time.time() - t0:.0f}s]", flush=True)
-
-    # 4. report ---------------------------------------------------------------------------
-    md = render(rows, truth, args, time.time() - t_start)
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(md)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"rows": rows, "truth": truth}, f, indent=2)
-    print(md)
-    print(f"[demo] wrote {os.path.join(args.out, 'results.md')}")
-    if failed:
-        raise SystemExit(f"[demo] these archs failed (logs in {args.out}): {', '.join(failed)}")
-
-
-def run_arch(arch, args, py, data_bin, common, truth):
-    """Train one arch from scratch, evaluate it on valid and test; return its results row."""
-    from moe_plugin.models.archs import ARCHS, DEMO_ARGS
-
-    t0 = time.time()
-    save = os.path.join(args.out, "checkpoints", arch)
-    shutil.rmtree(save, ignore_errors=True)  # fairseq would resume from an old checkpoint_last
-    extra = []
     if arch in ARCHS:
         k = int(ARCHS[arch][1].get("moe_top_k", 1))
-        extra = ["--moe-expert-count", str(args.experts), "--moe-expert-ffn-dim", str(max(args.ffn_dim // k, 1))]
+        flags += ["--moe-expert-count", str(args.experts), "--moe-expert-ffn-dim", str(max(args.ffn_dim // k, 1))]
         # demo_args may name the run's length, e.g. a top-K schedule over "{max_update}" updates
-        extra += [a.format(max_update=args.max_update) for a in DEMO_ARGS.get(arch, [])]
-    print(f"[demo] {arch}: training {args.max_update} updates", flush=True)
-    log = sh([py, "-m", "fairseq_cli.train", *common, "--arch", arch, "--save-dir", save, *extra],
-             os.path.join(args.out, f"train_{arch}.log"), echo_prefix=arch)
-    train_line = [l for l in log.splitlines() if "| train |" in l][-1]
-    row = {
-        "arch": arch,
-        "wps": last_match(r"\| wps ([\d.]+)", train_line),
-        "load_max": last_match(r"\| moe_load_max ([\d.]+)", train_line),
-        "dropped": last_match(r"\| moe_dropped ([\d.]+)", train_line),
-    }
-    ckpt = os.path.join(save, "checkpoint_last.pt")
-    for split in ("valid", "test"):
-        out = sh([py, "-m", "fairseq_cli.eval_lm", data_bin, "--user-dir", os.path.join(ROOT, "moe_plugin"),
-                  "--path", ckpt, "--cpu", "--gen-subset", split, "--tokens-per-sample", str(args.tokens_per_sample),
-                  "--context-window", str(args.tokens_per_sample // 2), "--max-tokens", str(args.max_tokens)],
-                 os.path.join(args.out, f"eval_{arch}_{split}.log"))
-        row[f"{split}_ppl"] = last_match(r"Perplexity: ([\d.]+)", out)
-    row.update(count_params(ckpt))
-    row["seconds"] = round(time.time() - t0, 1)
+        flags += [a.format(max_update=args.max_update) for a in DEMO_ARGS.get(arch, [])]
+    return flags
+
+
+def count_flops(args, archs: Sequence[str], data_bin: str, seed: int) -> Dict[str, dict]:
+    """arch -> its FlopsReport as a dict (moe_plugin.tools.flops), counted on the model built
+    from its training flags at ``seed``; an arch that cannot be counted is left out (said)."""
+    from moe_plugin.tools import flops
+
+    out = {}
+    for arch in archs:
+        try:
+            model, _ = flops.build_model(train_flags(args, arch, seed, os.devnull), data=data_bin)
+            rep = flops.flops_per_token(model, args.tokens_per_sample, tokens_per_batch=args.max_tokens, label=arch)
+        except Exception as e:  # noqa: BLE001  (the table says "-" for it)
+            print(f"[demo] {arch}: FLOPs not counted ({e})", flush=True)
+            continue
+        out[arch] = dataclasses.asdict(rep)
+        print(f"[demo] {arch}: {flops.human(rep.active_flops_per_token['eval'])} active FLOPs/token (eval), "
+              f"{rep.total_params:,} params, {rep.active_params['eval']:,} active", flush=True)
+    return out
+
+
+def run_seed(arch, seed, args, py, data_bin, out_dir) -> None:
+    """Train ``arch`` at ``seed`` from scratch into ``out_dir`` (train.log, checkpoints/),
+    evaluate it on test (eval_test.log) and write run.json (status, seconds)."""
+    t0 = time.time()
+    save = os.path.join(out_dir, "checkpoints")
+    shutil.rmtree(out_dir, ignore_errors=True)  # fairseq would resume from an old checkpoint_last
+    os.makedirs(out_dir)
+    meta = {"name": arch, "label": arch, "arch": arch, "seed": seed, "script": "demo", "dataset": "synthetic",
+            "status": "failed", "evals": [{"name": "test", "label": "test", "log": "eval_test.log"}], "meta": {}}
+
+    def write_meta():
+        with open(os.path.join(out_dir, "run.json"), "w") as f:
+            json.dump(meta, f, indent=2)
+
+    write_meta()
+    print(f"[demo] {arch} seed {seed}: training {args.max_update} updates", flush=True)
+    sh([py, "-m", "fairseq_cli.train", data_bin, "--task", "language_modeling", "--user-dir",
+        os.path.join(ROOT, "moe_plugin"), "--cpu", *train_flags(args, arch, seed, save)],
+       os.path.join(out_dir, "train.log"), echo_prefix=f"{arch}/seed{seed}")
+    sh([py, "-m", "fairseq_cli.eval_lm", data_bin, "--user-dir", os.path.join(ROOT, "moe_plugin"),
+        "--path", os.path.join(save, "checkpoint_last.pt"), "--cpu", "--gen-subset", "test",
+        "--tokens-per-sample", str(args.tokens_per_sample), "--context-window", str(args.tokens_per_sample // 2),
+        "--max-tokens", str(args.max_tokens)], os.path.join(out_dir, "eval_test.log"))
+    meta["status"] = "trained"
+    meta["meta"]["seconds"] = round(time.time() - t0, 1)
+    write_meta()
+
+
+# ----------------------------------------------------------------------------------------
+# The table (pure functions of the runs' logs, truth.json and the FLOPs reports)
+# ----------------------------------------------------------------------------------------
+
+
+def unigram_cross_entropy(train_txt: str, test_txt: str) -> float:
+    """Nats per token on ``test_txt`` of the add-one unigram of ``train_txt``: tokens are the
+    whitespace-separated words plus one end-of-document per line (as fairseq and truth.json
+    count them); the vocabulary is train's words, the end, and one unknown word."""
+    counts: Counter = Counter()
+    with open(train_txt) as f:
+        for line in f:
+            counts.update(line.split())
+            counts[None] += 1  # the end of the document
+    n, v = sum(counts.values()), len(counts) + 1
+    nll, ntok = 0.0, 0
+    with open(test_txt) as f:
+        for line in f:
+            for w in line.split() + [None]:
+                nll -= math.log((counts.get(w, 0) + 1) / (n + v))
+                ntok += 1
+    return nll / max(ntok, 1)
+
+
+def end_of_training(run: dict) -> dict:
+    """Load max/mean (``moe_load_max``: the layers' mean) and % slots dropped (``moe_dropped``)
+    of the LAST logged train_inner interval of a run (``moe_plugin.tools.report.load_run``),
+    with the updates it covers (``first``..``last``); None where the log has no such figure
+    (dense_lm, or no interval logged)."""
+    inner = [r for r in run["log"]["train_inner"] if "num_updates" in r]
+    if not inner:
+        return {"first": None, "last": None, "load_max": None, "dropped": None}
+    last = inner[-1]
+    first = int(inner[-2]["num_updates"]) + 1 if len(inner) > 1 else 1
+
+    def num(k):
+        v = last.get(k)
+        return float(v) if isinstance(v, (int, float)) else None
+
+    return {"first": first, "last": int(last["num_updates"]), "load_max": num("moe_load_max"),
+            "dropped": num("moe_dropped")}
+
+
+def seed_figures(run: dict, floor_nats: float, unigram_nats: Optional[float]) -> Optional[dict]:
+    """The per-seed figures of one trained run; None when it has no test result."""
+    ev = run["evals"].get("test")
+    if run["status"] != "trained" or ev is None:
+        return None
+    ce = float(ev["loss_bits"]) * math.log(2)
+    learned = None
+    if unigram_nats is not None and unigram_nats > floor_nats:
+        learned = (unigram_nats - ce) / (unigram_nats - floor_nats)
+    end = end_of_training(run)
+    valid = run["valid_final"].get("ppl")
+    return {"seed": run["seed"], "test_ppl": float(ev["ppl"]), "test_nats": ce, "gap": ce - floor_nats,
+            "learned": learned, "valid_ppl": None if valid is None else float(valid), "wps": run["wps"],
+            "load_max_end": end["load_max"], "dropped_end": end["dropped"], "end_updates": [end["first"], end["last"]],
+            "seconds": (run.get("meta") or {}).get("seconds")}
+
+
+FIGURES = ("test_ppl", "test_nats", "gap", "learned", "valid_ppl", "wps", "load_max_end", "dropped_end", "seconds")
+
+
+def arch_row(arch: str, per_seed: List[dict], flops: Dict[str, dict], baseline: str = DENSE) -> dict:
+    """One table row: every figure of :data:`FIGURES` as a ``stats.Estimate`` over the seeds
+    that have it (None where none has), the FLOPs report's parameters and eval FLOPs/token,
+    and their ratio to ``baseline``'s with ``flops_within`` (compare_active_flops, 2%)."""
+    from moe_plugin.tools import flops as flops_tool, stats
+
+    row = {"arch": arch, "seeds": [s["seed"] for s in per_seed], "per_seed": per_seed}
+    for k in FIGURES:
+        row[k] = stats.aggregate([s[k] for s in per_seed], [s["seed"] for s in per_seed])
+    rep = _report(flops.get(arch))
+    row.update(total_params=None, active_params=None, flops_eval=None, flops_train=None, flops_ratio=None,
+               flops_within=None)
+    if rep is not None:
+        row.update(total_params=rep.total_params, active_params=rep.active_params["eval"],
+                   flops_eval=rep.active_flops_per_token["eval"], flops_train=rep.active_flops_per_token["train"])
+        base = _report(flops.get(baseline))
+        if base is not None:
+            within, ratio = flops_tool.compare_active_flops(base, rep, mode="eval")
+            row.update(flops_ratio=ratio, flops_within=within)
     return row
 
 
-def count_params(ckpt):
-    import torch  # noqa: F401
-    from fairseq import checkpoint_utils
+def _report(d: Optional[dict]):
+    from moe_plugin.tools.flops import FlopsReport
 
-    import moe_plugin  # noqa: F401  (registers the archs)
-    from moe_plugin.utils import param_counts
-
-    models, _ = checkpoint_utils.load_model_ensemble([ckpt])
-    total, active = param_counts(models[0].eval())  # eval: the K the evaluation uses
-    return {"params": total, "active_params": active}
+    return None if d is None else FlopsReport(**d)
 
 
-def fmt(v, spec):
-    return "-" if v is None else format(v, spec)
+def rank_rows(rows: List[dict], baseline: str = DENSE) -> List[dict]:
+    """Rank by the gap to the floor, a difference counting only beyond the combined spread:
+    rank = 1 + the number of rows whose gap is lower by more than it (``stats.compare``);
+    ``vs_dense``: better / worse / within spread (or no spread with < 2 seeds on a side)
+    against ``baseline``'s row. Returns the rows sorted by (rank, mean gap); a row without a
+    result comes last with rank None."""
+    from moe_plugin.tools import stats
+
+    base = next((r for r in rows if r["arch"] == baseline), None)
+    for r in rows:
+        if r["gap"] is None:
+            r["rank"], r["vs_dense"] = None, None
+            continue
+        r["rank"] = 1 + sum(1 for o in rows if o is not r and o["gap"] is not None
+                            and stats.compare(o["gap"], r["gap"], "lower") == stats.HOLDS)
+        if r is base:
+            r["vs_dense"] = "baseline"
+        elif base is None or base["gap"] is None:
+            r["vs_dense"] = None
+        elif stats.combined_spread(r["gap"], base["gap"]) is None:
+            r["vs_dense"] = NO_SPREAD
+        else:
+            v = stats.compare(r["gap"], base["gap"], "lower")
+            r["vs_dense"] = {stats.HOLDS: BETTER, stats.DOES_NOT_HOLD: WORSE}.get(v, WITHIN)
+    return sorted(rows, key=lambda r: (r["rank"] is None, r["rank"] or 0,
+                                       float(r["gap"]) if r["gap"] is not None else math.inf))
 
 
-def render(rows, truth, args, seconds):
+def build_rows(runs: List[dict], truth: dict, flops: Dict[str, dict], unigram_nats: Optional[float],
+               order: Optional[Sequence[str]] = None) -> List[dict]:
+    """The ranked table rows of the runs (``report.load_run`` dicts, one per seed)."""
+    floor = float(truth["test"]["cross_entropy_nats"])
+    by_arch: Dict[str, List[dict]] = {}
+    for run in sorted(runs, key=lambda r: (r["seed"] is None, r["seed"] or 0)):
+        by_arch.setdefault(run["name"], [])
+        fig = seed_figures(run, floor, unigram_nats)
+        if fig is not None:
+            by_arch[run["name"]].append(fig)
+    names = [a for a in (order or []) if a in by_arch] + sorted(a for a in by_arch if a not in (order or []))
+    return rank_rows([arch_row(a, by_arch[a], flops) for a in names])
+
+
+def _fmt(v, spec: str) -> str:
+    from moe_plugin.tools import stats
+
+    return stats.format_estimate(v, spec)
+
+
+def render(rows: List[dict], truth: dict, unigram_nats: Optional[float], args, seconds: Optional[float],
+           plot: Optional[str] = None) -> str:
+    from moe_plugin.tools.flops import EQUAL_COMPUTE_TOLERANCE, human
+
     tv, tt = truth["valid"]["perplexity"], truth["test"]["perplexity"]
+    floor = truth["test"]["cross_entropy_nats"]
+    seeds = sorted({s for r in rows for s in r["seeds"]})
+    took = f" Total time {seconds / 60:.1f} min." if seconds is not None else ""
+    uni = (f"; the training unigram's (add-one, CE_unigram): {unigram_nats:.3f} nats/token, "
+           f"perplexity {math.exp(unigram_nats):.1f}") if unigram_nats is not None else ""
     lines = [
         "# moe_plugin demo: synthetic corpus",
         "",
         f"{args.layers} layers, d={args.embed_dim}, FFN {args.ffn_dim}, {args.experts} experts in every 2nd layer "
-        f"(experts of size FFN/K), {args.max_update} updates of {args.max_tokens} tokens on CPU. "
-        f"True-source perplexity (the floor): valid {tv:.3f}, test {tt:.3f}. Total time {seconds / 60:.1f} min.",
+        f"(experts of size FFN/K), {args.max_update} updates of {args.max_tokens} tokens on CPU, seeds "
+        f"{', '.join(map(str, seeds))}.{took}",
         "",
-        "| arch | params | active params | valid ppl | test ppl | true ppl (valid/test) | train words/s | load max/mean | % dropped |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"True source (the floor): test perplexity {tt:.3f} ({floor:.4f} nats/token), valid {tv:.3f}{uni}.",
+        "",
+        "| rank | arch | vs dense_lm | test ppl | gap to floor (nats/token) | learned | total params | "
+        "active params | FLOPs/token (eval) | vs dense FLOPs | train words/s | load max/mean (end) | "
+        "% dropped (end) | s per seed |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    marked = False
     for r in rows:
-        lines.append(
-            f"| {r['arch']} | {r['params']:,} | {r['active_params']:,} | {fmt(r['valid_ppl'], '.3f')} | "
-            f"{fmt(r['test_ppl'], '.3f')} | {tv:.3f} / {tt:.3f} | {fmt(r['wps'], '.0f')} | "
-            f"{fmt(r['load_max'], '.3f')} | {fmt(r['dropped'], '.2f')} |"
-        )
-    lines += ["", "Perplexities from fairseq-eval-lm (context window "
-              f"{args.tokens_per_sample // 2}); words/s and load from the fairseq-train log (train average).", ""]
+        ratio = "-"
+        if r["flops_ratio"] is not None:
+            ratio = f"{r['flops_ratio']:.3f}x"
+            if not r["flops_within"]:
+                ratio += f" **(>{EQUAL_COMPUTE_TOLERANCE:.0%} off)**"
+                marked = True
+        cells = [
+            "-" if r["rank"] is None else str(r["rank"]), r["arch"], r["vs_dense"] or "-",
+            _fmt(r["test_ppl"], ".3f"), _fmt(r["gap"], ".4f"), _fmt(r["learned"], ".3f"),
+            "-" if r["total_params"] is None else f"{r['total_params']:,}",
+            "-" if r["active_params"] is None else f"{r['active_params']:,}",
+            "-" if r["flops_eval"] is None else human(r["flops_eval"]), ratio,
+            _fmt(r["wps"], ".0f"), _fmt(r["load_max_end"], ".3f"), _fmt(r["dropped_end"], ".2f"),
+            _fmt(r["seconds"], ".0f"),
+        ]
+        if not r["seeds"]:
+            cells[3] = "failed"
+        lines.append("| " + " | ".join(cells) + " |")
+    ends = sorted({tuple(s["end_updates"]) for r in rows for s in r["per_seed"] if s["end_updates"][0] is not None})
+    end_txt = ", ".join(f"updates {a}-{b}" if a != b else f"update {b}" for a, b in ends) or "none logged"
+    lines += [
+        "",
+        "Figures: mean ± sample standard deviation over the seeds (n = seeds with a result). Test perplexity from "
+        f"fairseq-eval-lm (context window {args.tokens_per_sample // 2}); gap to floor = the model's test "
+        "cross-entropy minus the true source's; learned = (CE_unigram - CE_model) / (CE_unigram - CE_floor). "
+        "Rank: 1 + the number of archs whose gap is lower by more than the combined spread (the sum of the two "
+        "standard deviations), so equal ranks are not told apart; vs dense_lm: the same test on the gap "
+        "(better / worse beyond the spread, else within spread).",
+        f"Parameters and active FLOPs per token (forward, evaluation K, attention over {args.tokens_per_sample} "
+        "keys) are counted on the model built from each arch's training flags (moe_plugin.tools.flops); "
+        f"a ratio more than {EQUAL_COMPUTE_TOLERANCE:.0%} off dense_lm's is marked"
+        + (" (such a row is not at equal compute)." if marked else "."),
+        "Train words/s: the median of the logged intervals after the first. Load max/mean (the MoE layers' mean) "
+        f"and % of token slots dropped: the last logged training interval ({end_txt}), not the average "
+        "from update 1.",
+        "",
+    ]
+    if plot:
+        lines += [f"![valid perplexity against updates]({os.path.relpath(plot, args.out)})", "",
+                  "Valid perplexity of the training's validations (no context window, so above what "
+                  "fairseq-eval-lm gives); the dashed line: the true source's.", ""]
     return "\n".join(lines)
+
+
+def plot_valid(runs: List[dict], floor_ppl: float, path: str, order: Sequence[str] = ()) -> Optional[str]:
+    """Valid perplexity (the training's validations, the seeds' mean at their common updates)
+    against updates, one line per arch, the true source's valid perplexity as a horizontal line."""
+    from moe_plugin.tools import report
+
+    by_arch: Dict[str, List[dict]] = {}
+    for r in runs:
+        if r["status"] == "trained" and r["valid_curve"]:
+            by_arch.setdefault(r["name"], []).append(r)
+    if not by_arch:
+        return None
+    plt = report._plt()
+    fig, ax = plt.subplots(figsize=(7.0, 4.6))
+    names = [a for a in order if a in by_arch] + sorted(a for a in by_arch if a not in order)
+    for arch in names:
+        curve = report._mean_curve([r["valid_curve"] for r in by_arch[arch]])
+        ax.plot([c[0] for c in curve], [c[3] for c in curve], marker="o", markersize=3,
+                label=f"{arch} (n={len(by_arch[arch])})")
+    ax.axhline(floor_ppl, color="black", linestyle="--", linewidth=1.0, label=f"true source {floor_ppl:.2f}")
+    ax.set_yscale("log")
+    ax.set_xlabel("updates")
+    ax.set_ylabel("valid perplexity")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return report._save(plt, fig, ax, "valid perplexity (mean over seeds) and the floor", path)
+
+
+def _jsonable(x):
+    from moe_plugin.tools.stats import Estimate
+
+    if isinstance(x, Estimate):
+        return {"mean": float(x), "spread": x.spread, "n": x.n, "values": list(x.values), "seeds": list(x.seeds)}
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def write_table(args, order: Sequence[str] = (), seconds: Optional[float] = None) -> List[dict]:
+    """Read every run under ``args.out`` (seed<N>/<arch>/), truth.json and the corpus of
+    ``args.data``, flops.json; write results.md, results.json, plots/valid_ppl.png; print the
+    table; return the rows."""
+    from moe_plugin.tools import report
+
+    cfg_path = os.path.join(args.out, "demo_config.json")
+    if os.path.exists(cfg_path):  # the settings the runs were trained with (--table-only may be given others)
+        with open(cfg_path) as f:
+            args = argparse.Namespace(**dict(vars(args), **{k: v for k, v in json.load(f).items()
+                                                            if k not in ("out", "data")}))
+    truth = json.load(open(os.path.join(args.data, "truth.json")))
+    train_txt, test_txt = os.path.join(args.data, "train.txt"), os.path.join(args.data, "test.txt")
+    unigram = unigram_cross_entropy(train_txt, test_txt) if os.path.exists(train_txt) and os.path.exists(
+        test_txt) else None
+    flops_path = os.path.join(args.out, "flops.json")
+    flops = json.load(open(flops_path)) if os.path.exists(flops_path) else {}
+    runs = [report.load_run(os.path.dirname(p)) for p in sorted(glob.glob(os.path.join(args.out, "seed*", "*",
+                                                                                       "run.json")))]
+    rows = build_rows(runs, truth, flops, unigram, order)
+    plot = None
+    try:
+        plot = plot_valid(runs, float(truth["valid"]["perplexity"]), os.path.join(args.out, "plots", "valid_ppl.png"),
+                          order)
+    except ImportError as e:  # matplotlib is optional for the table
+        print(f"[demo] no plot ({e})", flush=True)
+    md = render(rows, truth, unigram, args, seconds, plot)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(md)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(_jsonable({"rows": rows, "truth": truth, "unigram_cross_entropy_nats": unigram, "flops": flops}),
+                  f, indent=2)
+    print(md)
+    print(f"[demo] wrote {os.path.join(args.out, 'results.md')}" + (f" and {plot}" if plot else ""))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    quiet_imports()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=os.path.join(ROOT, "results", "demo"))
+    p.add_argument("--data", default=os.path.join(ROOT, "data", "synthetic"))
+    p.add_argument("--archs", default="all", help="comma-separated subset, default: dense_lm + every registered arch")
+    p.add_argument("--seeds", default="1,2", help="training seeds, comma-separated (each a run of its own)")
+    p.add_argument("--data-seed", type=int, default=1, help="the synthetic corpus' seed (the same for every run)")
+    p.add_argument("--max-update", type=int, default=200)
+    p.add_argument("--valid-every", type=int, default=0, help="validate every N updates (0: max-update / 4)")
+    p.add_argument("--train-tokens", type=int, default=2_000_000)
+    p.add_argument("--embed-dim", type=int, default=128)
+    p.add_argument("--ffn-dim", type=int, default=512)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--tokens-per-sample", type=int, default=128)
+    p.add_argument("--max-tokens", type=int, default=4096)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--table-only", action="store_true",
+                   help="render the table from the runs already in --out (no corpus, no training)")
+    args = p.parse_args(argv)
+    try:
+        seeds = parse_seeds(args.seeds)
+    except ValueError as e:
+        p.error(str(e))
+    if args.valid_every < 0:
+        p.error(f"--valid-every: {args.valid_every} is not allowed; allowed: >= 0 (0: max-update / 4)")
+    if args.table_only:
+        write_table(args)
+        return
+    from moe_plugin.models.archs import ARCHS, DENSE_ARCH
+
+    py = sys.executable
+    os.makedirs(args.out, exist_ok=True)
+    t_start = time.time()
+
+    # 1. corpus ------------------------------------------------------------------------
+    data_bin = os.path.join(args.data, "data-bin")
+    if not os.path.exists(os.path.join(data_bin, "dict.txt")):
+        print(f"[demo] generating the synthetic corpus in {args.data}", flush=True)
+        sh([py, "data-prep/synthetic.py", "--out", args.data, "--seed", str(args.data_seed),
+            "--train-tokens", str(args.train_tokens)])
+        sh([py, "-m", "fairseq_cli.preprocess", "--only-source", "--trainpref", f"{args.data}/train.txt",
+            "--validpref", f"{args.data}/valid.txt", "--testpref", f"{args.data}/test.txt",
+            "--destdir", data_bin, "--workers", "2"], os.path.join(args.out, "preprocess.log"))
+    truth = json.load(open(os.path.join(args.data, "truth.json")))
+
+    # 2. FLOPs and parameters ------------------------------------------------------------
+    archs = [DENSE_ARCH] + sorted(ARCHS) if args.archs == "all" else args.archs.split(",")
+    for old in glob.glob(os.path.join(args.out, "seed*")):  # runs of an earlier demo would join the table
+        shutil.rmtree(old, ignore_errors=True)
+    with open(os.path.join(args.out, "demo_config.json"), "w") as f:
+        json.dump({k: v for k, v in vars(args).items() if k != "table_only"}, f, indent=2)
+    with open(os.path.join(args.out, "flops.json"), "w") as f:
+        json.dump(count_flops(args, archs, data_bin, seeds[0]), f, indent=2)
+
+    # 3. train + 4. evaluate, every seed ---------------------------------------------------
+    failed = []
+    for arch in archs:
+        t0 = time.time()
+        for seed in seeds:
+            try:
+                run_seed(arch, seed, args, py, data_bin, os.path.join(args.out, f"seed{seed}", arch))
+            except Exception as e:  # keep going: one broken run should not hide the others
+                print(f"[demo] {arch} seed {seed}: FAILED ({e})", flush=True)
+                failed.append(f"{arch}/seed{seed}")
+        summary = _arch_summary(args, arch, truth)
+        print(f"[demo] {arch}: {summary} (true source {truth['test']['perplexity']:.2f}) "
+              f"[{time.time() - t0:.0f}s]", flush=True)
+
+    # 5. report ---------------------------------------------------------------------------
+    write_table(args, order=archs, seconds=time.time() - t_start)
+    if failed:
+        raise SystemExit(f"[demo] these runs failed (logs in {args.out}/seed<N>/<arch>): {', '.join(failed)}")
+
+
+def _arch_summary(args, arch: str, truth: dict) -> str:
+    from moe_plugin.tools import report, stats
+
+    vals = []
+    for p in sorted(glob.glob(os.path.join(args.out, "seed*", arch, "run.json"))):
+        run = report.load_run(os.path.dirname(p))
+        ev = run["evals"].get("test")
+        if run["status"] == "trained" and ev is not None:
+            vals.append((float(ev["ppl"]), run["seed"]))
+    e = stats.aggregate([v for v, _ in vals], [s for _, s in vals])
+    return f"test ppl {stats.format_estimate(e, '.3f', 'no result')}"
 
 
 if __name__ == "__main__":

@@ -1,0 +1,174 @@
+"""make demo's table (scripts/demo.py --table-only) on hand-made runs: no training.
+
+The runs are written in the demo's layout (OUT/seed<N>/<arch>/ with fairseq-train's and
+fairseq-eval-lm's log lines, run.json; OUT/flops.json; DATA/truth.json and a tiny corpus), and
+the expected figures are computed here by hand: the end-of-training load and drops come from
+the last train_inner interval (not the train line's average from update 1), the ranking counts
+a difference only beyond the combined seed spread, a FLOPs ratio more than 2% off dense_lm's is
+marked, and CE_unigram is the add-one unigram of the training text.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+from moe_plugin.tools.flops import COMPONENTS, FlopsReport
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(ROOT, "scripts", "demo.py")
+
+FLOOR = 1.0  # truth.json's test cross-entropy, nats/token
+# arch -> per-seed gap to the floor (nats/token); None: that seed's run failed
+GAPS = {
+    "dense_lm": [1.0, 1.1],
+    "switch_lm": [0.5, 0.52],   # better than dense by far more than the spreads
+    "base_lm": [1.02, 1.12],    # within the spread of dense
+    "hash_lm": [1.6, 1.62],     # worse than every other
+    "sam_lm": [0.9, None],      # one seed: no spread
+}
+# arch -> active FLOPs/token in evaluation (dense = 1000): switch 1% off, base 10%, hash 3% below
+FLOPS = {"dense_lm": 1000.0, "switch_lm": 1010.0, "base_lm": 1100.0, "hash_lm": 970.0, "sam_lm": 1000.0}
+# per seed: (load max/mean, % dropped) of the two logged train_inner intervals, and of the train average
+INTERVALS = {1: [(3.0, 40.0), (1.25, 2.5)], 2: [(2.5, 30.0), (1.75, 4.5)]}
+TRAIN_AVERAGE = (2.1, 21.0)
+
+
+def _report(arch, flops):
+    zero = dict.fromkeys(COMPONENTS, 0.0)
+    return FlopsReport(label=arch, seq_len=32, attention="full", tokens_per_batch=512,
+                       components={"train": dict(zero, output=flops), "eval": dict(zero, output=flops)},
+                       active_flops_per_token={"train": flops, "eval": flops}, total_params=int(10 * flops),
+                       active_params={"train": int(flops), "eval": int(flops)},
+                       experts_per_token={"train": [], "eval": []})
+
+
+def _train_log(arch, seed):
+    moe = arch != "dense_lm"
+    lines = []
+    for i, (load, dropped) in enumerate(INTERVALS[seed]):
+        u = 4 * (i + 1)
+        extra = f"moe_load_max={load}, moe_dropped={dropped}, " if moe else ""
+        lines.append(f"2026-01-01 10:00:0{u} | INFO | train_inner | epoch 001:      {u} / 40 loss=7.5, "
+                     f"nll_loss=7.25, ppl=152.22, wps={1000 if i == 0 else 3000 + 100 * seed}, {extra}"
+                     f"num_updates={u}, wall={u}")
+        lines.append(f"2026-01-01 10:00:0{u} | INFO | valid | epoch 001 | valid on 'valid' subset | loss 6.75 | "
+                     f"nll_loss {6.5 - i} | ppl {2 ** (6.5 - i):.2f} | num_updates {u}")
+    extra = f" | moe_load_max {TRAIN_AVERAGE[0]} | moe_dropped {TRAIN_AVERAGE[1]}" if moe else ""
+    lines.append(f"2026-01-01 10:00:09 | INFO | train | epoch 001 | loss 7.2 | nll_loss 7 | ppl 128 | wps 2000"
+                 f"{extra} | num_updates 8")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory):
+    base = tmp_path_factory.mktemp("demo")
+    out, data = base / "out", base / "data"
+    data.mkdir()
+    (data / "truth.json").write_text(json.dumps({
+        "valid": {"perplexity": 3.0, "cross_entropy_nats": math.log(3.0)},
+        "test": {"perplexity": math.exp(FLOOR), "cross_entropy_nats": FLOOR}}))
+    (data / "train.txt").write_text("a a b\n")
+    (data / "test.txt").write_text("a b c\n")
+    out.mkdir()
+    (out / "flops.json").write_text(json.dumps({a: dataclasses.asdict(_report(a, f)) for a, f in FLOPS.items()}))
+    for arch, gaps in GAPS.items():
+        for seed, gap in zip((1, 2), gaps):
+            d = out / f"seed{seed}" / arch
+            d.mkdir(parents=True)
+            trained = gap is not None
+            (d / "run.json").write_text(json.dumps({
+                "name": arch, "label": arch, "arch": arch, "seed": seed, "status": "trained" if trained else "failed",
+                "evals": [{"name": "test", "label": "test", "log": "eval_test.log"}], "meta": {"seconds": 10 * seed}}))
+            (d / "train.log").write_text(_train_log(arch, seed))
+            if trained:
+                bits = (FLOOR + gap) / math.log(2)
+                (d / "eval_test.log").write_text(f"Evaluated 4 tokens\nLoss (base 2): {bits:.10f}, "
+                                                 f"Perplexity: {2 ** bits:.10f}\n")
+    proc = subprocess.run([sys.executable, DEMO, "--table-only", "--out", str(out), "--data", str(data)],
+                          cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    res = json.loads((out / "results.json").read_text())
+    return {"rows": {r["arch"]: r for r in res["rows"]}, "order": [r["arch"] for r in res["rows"]], "json": res,
+            "md": (out / "results.md").read_text(), "out": out}
+
+
+def _mean(e):
+    return e["mean"]
+
+
+def test_end_of_training_load_and_drops_are_the_last_interval(table):
+    rows = table["rows"]
+    for arch in ("switch_lm", "base_lm", "hash_lm"):
+        r = rows[arch]
+        loads = [INTERVALS[s][-1][0] for s in (1, 2)]
+        drops = [INTERVALS[s][-1][1] for s in (1, 2)]
+        assert r["load_max_end"]["values"] == pytest.approx(loads)
+        assert r["dropped_end"]["values"] == pytest.approx(drops)
+        assert _mean(r["dropped_end"]) == pytest.approx(3.5) and _mean(r["dropped_end"]) != TRAIN_AVERAGE[1]
+        assert r["dropped_end"]["spread"] == pytest.approx(statistics.stdev(drops))
+        assert [s["end_updates"] for s in r["per_seed"]] == [[5, 8], [5, 8]]
+    assert rows["dense_lm"]["load_max_end"] is None and rows["dense_lm"]["dropped_end"] is None
+    assert "updates 5-8" in table["md"]
+    # words/s: the intervals after the first
+    assert rows["switch_lm"]["wps"]["values"] == [3100, 3200]
+
+
+def test_gap_to_floor_and_spread(table):
+    for arch, gaps in GAPS.items():
+        have = [g for g in gaps if g is not None]
+        r = table["rows"][arch]
+        assert r["gap"]["values"] == pytest.approx(have, abs=1e-9)
+        assert r["gap"]["n"] == len(have)
+        if len(have) > 1:
+            assert r["gap"]["spread"] == pytest.approx(statistics.stdev(have), abs=1e-9)
+        else:
+            assert r["gap"]["spread"] is None
+        assert _mean(r["test_ppl"]) == pytest.approx(statistics.mean(math.exp(FLOOR + g) for g in have), rel=1e-8)
+
+
+def test_ranking_counts_a_difference_only_beyond_the_spread(table):
+    rows = table["rows"]
+    # by hand: dense 1.05 ± 0.071, switch 0.51 ± 0.014, base 1.07 ± 0.071, hash 1.61 ± 0.014, sam 0.9 (n=1)
+    # switch beats dense, base and hash beyond the combined spreads; dense and base are within;
+    # dense and base beat hash; sam (one seed) is told apart from nothing
+    assert {a: rows[a]["rank"] for a in GAPS} == {"switch_lm": 1, "sam_lm": 1, "dense_lm": 2, "base_lm": 2,
+                                                 "hash_lm": 4}
+    assert {a: rows[a]["vs_dense"] for a in GAPS} == {
+        "dense_lm": "baseline", "switch_lm": "better", "base_lm": "within spread", "hash_lm": "worse",
+        "sam_lm": "no spread (n<2)"}
+    assert table["order"] == ["switch_lm", "sam_lm", "dense_lm", "base_lm", "hash_lm"]
+
+
+def test_flops_ratio_marked_beyond_two_percent(table):
+    rows = table["rows"]
+    for arch, f in FLOPS.items():
+        assert rows[arch]["flops_ratio"] == pytest.approx(f / FLOPS["dense_lm"])
+        assert rows[arch]["flops_within"] == (abs(f / FLOPS["dense_lm"] - 1) <= 0.02)
+    lines = {line.split(" | ")[1]: line for line in table["md"].splitlines() if line.startswith("| ") and "_lm" in line}
+    assert "(>2% off)" in lines["base_lm"] and "(>2% off)" in lines["hash_lm"]
+    assert "(>2% off)" not in lines["switch_lm"] and "1.010x" in lines["switch_lm"]
+    assert "1.000x" in lines["dense_lm"] and "(>2% off)" not in lines["dense_lm"]
+    assert (table["out"] / "plots" / "valid_ppl.png").exists()
+
+
+def test_unigram_cross_entropy_and_learned_share(table):
+    # train "a a b" + end: counts a 2, b 1, end 1 (n 4), vocabulary 3 + unknown -> add-one over 8
+    # test "a b c" + end: p = 3/8, 2/8, 1/8 (c unknown), 2/8
+    ce_uni = -(math.log(3 / 8) + math.log(2 / 8) + math.log(1 / 8) + math.log(2 / 8)) / 4
+    assert table["json"]["unigram_cross_entropy_nats"] == pytest.approx(ce_uni)
+    r = table["rows"]["switch_lm"]
+    want = [(ce_uni - (FLOOR + g)) / (ce_uni - FLOOR) for g in GAPS["switch_lm"]]
+    assert r["learned"]["values"] == pytest.approx(want)
+
+
+def test_bad_seeds_are_refused():
+    proc = subprocess.run([sys.executable, DEMO, "--seeds", "1,1", "--table-only"], cwd=ROOT, capture_output=True,
+                          text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 2
+    assert "--seeds: '1,1' is not allowed; allowed: comma-separated distinct integers" in proc.stderr
