@@ -9,7 +9,6 @@ way fairseq-eval-lm does and give the same per-token log-probabilities (1e-6), a
 fairseq-eval-lm itself must print the same loss.
 """
 
-import argparse
 import json
 import os
 
@@ -40,22 +39,11 @@ def test_every_fixture_arch_is_still_registered():
 
 
 def token_scores(checkpoint: str) -> dict:
-    """fairseq-eval-lm's path: its checkpoint loader, its dataloader, its SequenceScorer."""
-    from fairseq import checkpoint_utils, utils
-    from fairseq.sequence_scorer import SequenceScorer
+    """fairseq-eval-lm's path (its checkpoint loader, its dataloader, its SequenceScorer): the
+    same function that wrote the expected scores."""
+    from tests.fixtures.make_checkpoints import token_scores as score
 
-    utils.import_user_module(argparse.Namespace(user_dir=USER_DIR))
-    models, _, task = checkpoint_utils.load_model_ensemble_and_task([checkpoint], arg_overrides={"data": DATA})
-    model = models[0].eval()
-    task.load_dataset("test")
-    itr = task.eval_lm_dataloader(task.dataset("test"), max_tokens=256, context_window=0, num_workers=0)
-    scorer = SequenceScorer(task.target_dictionary)
-    out = {}
-    with torch.no_grad():
-        for sample in itr:
-            for i, hypo in zip(sample["id"].tolist(), scorer.generate([model], sample)):
-                out[i] = hypo[0]["positional_scores"]
-    return out
+    return score(checkpoint, DATA)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
