@@ -28,7 +28,7 @@ The table (one row per arch, figures = mean ± sample std over the seeds, n = se
 * test perplexity (fairseq-eval-lm) and the gap to the floor in nats/token: the model's test
   cross-entropy minus truth.json's; "learned": (CE_unigram - CE_model) / (CE_unigram -
   CE_floor), the share of what is learnable beyond the training unigram (CE_unigram: the
-  add-one unigram of train.txt on test.txt, counted as fairseq counts, one end per line);
+  add-one unigram of train.txt on test.txt, from truth.json, written by data-prep/synthetic.py);
 * rank: 1 + the number of archs whose gap is smaller by more than the combined spread
   (``moe_plugin.tools.stats.compare``), so equal ranks are not told apart; "vs dense_lm":
   better / worse (beyond the spread) / within spread;
@@ -54,7 +54,6 @@ import shutil
 import sys
 import time
 import warnings
-from collections import Counter
 from typing import Dict, List, Optional, Sequence
 
 from moe_plugin.tools import commands
@@ -188,25 +187,6 @@ def run_seed(arch, seed, args, py, data_bin, out_dir) -> None:
 # ----------------------------------------------------------------------------------------
 
 
-def unigram_cross_entropy(train_txt: str, test_txt: str) -> float:
-    """Nats per token on ``test_txt`` of the add-one unigram of ``train_txt``: tokens are the
-    whitespace-separated words plus one end-of-document per line (as fairseq and truth.json
-    count them); the vocabulary is train's words, the end, and one unknown word."""
-    counts: Counter = Counter()
-    with open(train_txt) as f:
-        for line in f:
-            counts.update(line.split())
-            counts[None] += 1  # the end of the document
-    n, v = sum(counts.values()), len(counts) + 1
-    nll, ntok = 0.0, 0
-    with open(test_txt) as f:
-        for line in f:
-            for w in line.split() + [None]:
-                nll -= math.log((counts.get(w, 0) + 1) / (n + v))
-                ntok += 1
-    return nll / max(ntok, 1)
-
-
 def end_of_training(run: dict) -> dict:
     """Load max/mean (``moe_load_max``: the layers' mean) and % slots dropped (``moe_dropped``)
     of the LAST logged train_inner interval of a run (``moe_plugin.tools.report.load_run``),
@@ -330,7 +310,7 @@ def render(rows: List[dict], truth: dict, unigram_nats: Optional[float], args, s
     floor = truth["test"]["cross_entropy_nats"]
     seeds = sorted({s for r in rows for s in r["seeds"]})
     took = f" Total time {seconds / 60:.1f} min." if seconds is not None else ""
-    uni = (f"; the training unigram's (add-one, CE_unigram): {unigram_nats:.3f} nats/token, "
+    uni = (f"; the training unigram's (CE_unigram, truth.json): {unigram_nats:.3f} nats/token, "
            f"perplexity {math.exp(unigram_nats):.1f}") if unigram_nats is not None else ""
     lines = [
         "# moe_plugin demo: synthetic corpus",
@@ -442,9 +422,9 @@ def write_table(args, order: Sequence[str] = (), seconds: Optional[float] = None
             args = argparse.Namespace(**dict(vars(args), **{k: v for k, v in json.load(f).items()
                                                             if k not in ("out", "data")}))
     truth = json.load(open(os.path.join(args.data, "truth.json")))
-    train_txt, test_txt = os.path.join(args.data, "train.txt"), os.path.join(args.data, "test.txt")
-    unigram = unigram_cross_entropy(train_txt, test_txt) if os.path.exists(train_txt) and os.path.exists(
-        test_txt) else None
+    # CE_unigram: the training unigram's cross-entropy on test, written by data-prep/synthetic.py
+    # (None for a corpus generated before it wrote it: the learned-share column is then empty)
+    unigram = truth["test"].get("unigram_cross_entropy_nats")
     flops_path = os.path.join(args.out, "flops.json")
     flops = json.load(open(flops_path)) if os.path.exists(flops_path) else {}
     runs = [report.load_run(os.path.dirname(p)) for p in sorted(glob.glob(os.path.join(args.out, "seed*", "*",

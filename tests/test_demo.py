@@ -5,7 +5,7 @@ fairseq-eval-lm's log lines, run.json; OUT/flops.json; DATA/truth.json and a tin
 the expected figures are computed here by hand: the end-of-training load and drops come from
 the last train_inner interval (not the train line's average from update 1), the ranking counts
 a difference only beyond the combined seed spread, a FLOPs ratio more than 2% off dense_lm's is
-marked, and CE_unigram is the add-one unigram of the training text.
+marked, and CE_unigram and the learned share come from truth.json.
 """
 
 import dataclasses
@@ -24,6 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "scripts", "demo.py")
 
 FLOOR = 1.0  # truth.json's test cross-entropy, nats/token
+CE_UNI = 3.0  # truth.json's test CE_unigram, nats/token
 # arch -> per-seed gap to the floor (nats/token); None: that seed's run failed
 GAPS = {
     "dense_lm": [1.0, 1.1],
@@ -72,9 +73,7 @@ def table(tmp_path_factory):
     data.mkdir()
     (data / "truth.json").write_text(json.dumps({
         "valid": {"perplexity": 3.0, "cross_entropy_nats": math.log(3.0)},
-        "test": {"perplexity": math.exp(FLOOR), "cross_entropy_nats": FLOOR}}))
-    (data / "train.txt").write_text("a a b\n")
-    (data / "test.txt").write_text("a b c\n")
+        "test": {"perplexity": math.exp(FLOOR), "cross_entropy_nats": FLOOR, "unigram_cross_entropy_nats": CE_UNI}}))
     out.mkdir()
     (out / "flops.json").write_text(json.dumps({a: dataclasses.asdict(_report(a, f)) for a, f in FLOPS.items()}))
     for arch, gaps in GAPS.items():
@@ -158,12 +157,11 @@ def test_flops_ratio_marked_beyond_two_percent(table):
 
 
 def test_unigram_cross_entropy_and_learned_share(table):
-    # train "a a b" + end: counts a 2, b 1, end 1 (n 4), vocabulary 3 + unknown -> add-one over 8
-    # test "a b c" + end: p = 3/8, 2/8, 1/8 (c unknown), 2/8
-    ce_uni = -(math.log(3 / 8) + math.log(2 / 8) + math.log(1 / 8) + math.log(2 / 8)) / 4
-    assert table["json"]["unigram_cross_entropy_nats"] == pytest.approx(ce_uni)
+    """CE_unigram is truth.json's (data-prep/synthetic.py computes it; tests/test_synthetic.py
+    checks it); the learned share is (CE_unigram - CE_model) / (CE_unigram - floor)."""
+    assert table["json"]["unigram_cross_entropy_nats"] == pytest.approx(CE_UNI)
     r = table["rows"]["switch_lm"]
-    want = [(ce_uni - (FLOOR + g)) / (ce_uni - FLOOR) for g in GAPS["switch_lm"]]
+    want = [(CE_UNI - (FLOOR + g)) / (CE_UNI - FLOOR) for g in GAPS["switch_lm"]]
     assert r["learned"]["values"] == pytest.approx(want)
 
 
