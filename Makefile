@@ -45,7 +45,7 @@ test-all: install
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -q -ra -m "" tests
 
 clean-demo:
-	rm -rf results/demo data/synthetic
+	rm -rf results/demo data/synthetic-*
 
 # Benchmarks (ratios to a baseline measured in the same run); numbers go to docs/performance.md
 bench: install

@@ -205,6 +205,12 @@ PRESETS = {
     "control": dict(order=1, disjoint=True, domains=2, domain_vocab=64, shared_vocab=0,
                     vocab_size=128, successors=4, alpha=0.5, end_prob=0.01, min_len=8,
                     train_tokens=1_000_000),
+    # the domains share their words (each word in about 3.6 of them, with other successors in
+    # each): the next word depends on (word, domain), the domain must be read off the context,
+    # and no embedding bilinear form stores the table (docs/synthetic.md, design D)
+    "context": dict(order=1, disjoint=False, domains=32, domain_vocab=64, shared_vocab=8,
+                    vocab_size=512, successors=4, alpha=0.5, end_prob=0.01, min_len=8,
+                    train_tokens=1_000_000),
 }
 
 

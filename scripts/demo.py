@@ -2,8 +2,11 @@
 """make demo: every registered arch against the dense baseline dense_lm on the synthetic corpus,
 over seeds, at measured active compute.
 
-1. Generates the synthetic corpus (data-prep/synthetic.py; its truth.json holds the exact
-   cross-entropy of the generating source, the floor) and binarises it with fairseq-preprocess.
+1. Generates the synthetic corpus (data-prep/synthetic.py ``--preset calibrated``, or
+   ``--preset control``/``none``: docs/synthetic.md; its truth.json holds the exact
+   cross-entropy of the generating source, the floor, and its <split>.domains each document's
+   domain) into ``data/synthetic-<preset>`` and binarises it with fairseq-preprocess; a
+   directory generated with another preset or data seed is refused, not reused.
 2. Counts each arch's active forward FLOPs per token and its parameters on the model built
    from the flags it trains with (moe_plugin.tools.flops; no data read but the dictionary).
 3. Trains the dense baseline ``dense_lm`` (the MoE archs' model without MoE layers, so
@@ -16,11 +19,13 @@ over seeds, at measured active compute.
    seed: ``--data-seed``), validating on the whole valid set every ``--valid-every``
    updates (default: 4 times; the curve of the plot, in place of the former fairseq-eval-lm
    run on valid, so a run costs about what it did; the table's quality figure is test's).
-4. Evaluates each checkpoint with fairseq-eval-lm on test.
-5. Prints and writes results/demo/results.md (and results.json, plots/valid_ppl.png).
+4. Evaluates each checkpoint with fairseq-eval-lm on test, and routes test through each MoE
+   checkpoint to relate its experts to the documents' domains (domains.json).
+5. Prints and writes results/demo/results.md (and results.json, plots/valid_ppl.png,
+   plots/expert_domain.png: the best ranked MoE arch's share of each domain's tokens per expert).
 
 Layout of ``--out``: ``seed<N>/<arch>/`` per run (train.log, eval_test.log, run.json,
-checkpoints/), so ``python -m moe_plugin.tools.report results/demo`` reads it too;
+checkpoints/, domains.json), so ``python -m moe_plugin.tools.report results/demo`` reads it too;
 flops.json (the FLOPs reports); results.md, results.json; plots/.
 
 The table (one row per arch, figures = mean ± sample std over the seeds, n = seeds):
@@ -36,7 +41,8 @@ The table (one row per arch, figures = mean ± sample std over the seeds, n = se
   dense_lm's, marked when more than 2% off (``moe_plugin.tools.flops.compare_active_flops``);
 * train words/s (median of the logged intervals after the first);
 * load max/mean and % of token slots dropped AT THE END of training: the last logged
-  train_inner interval (the last tenth of the updates), not the average from update 1.
+  train_inner interval (the last tenth of the updates), not the average from update 1;
+* NMI(expert; domain): I(first expert; domain) / H(first expert) on test, the MoE layers' mean.
 
 ``--table-only`` renders the table again from the runs already in ``--out`` (no training).
 Run as ``make demo``; ``python scripts/demo.py --help`` for the knobs.
@@ -180,6 +186,52 @@ def run_seed(arch, seed, args, py, data_bin, out_dir) -> None:
     meta["status"] = "trained"
     meta["meta"]["seconds"] = round(time.time() - t0, 1)
     write_meta()
+    domains = os.path.join(args.data, "test.domains")
+    if arch != DENSE and os.path.exists(domains):
+        try:
+            analyse_domains(os.path.join(save, "checkpoint_last.pt"), data_bin, domains, out_dir, args.max_tokens)
+        except Exception as e:  # noqa: BLE001  (the table says "-"; the run itself is fine)
+            print(f"[demo] {arch} seed {seed}: no expert x domain analysis ({e})", flush=True)
+
+
+def check_corpus(truth: dict, args) -> None:
+    """Refuse a corpus directory generated with another preset or data seed than asked for (an
+    earlier demo's corpus would silently stand in for the one the table names)."""
+    cfg = truth.get("config", {})
+    have = (cfg.get("preset") or "none", cfg.get("seed"))
+    want = (args.preset, args.data_seed)
+    if args.train_tokens is not None and cfg.get("train_tokens") != args.train_tokens:
+        raise SystemExit(f"[demo] --data {args.data}: the corpus there has {cfg.get('train_tokens')} training "
+                         f"tokens; asked for --train-tokens {args.train_tokens}. Remove the directory (make "
+                         "clean-demo) or pass another --data.")
+    if have != want:
+        raise SystemExit(f"[demo] --data {args.data}: the corpus there was generated with preset {have[0]!r}, "
+                         f"seed {have[1]}; asked for --preset {want[0]}, --data-seed {want[1]}. Remove the "
+                         "directory (make clean-demo) or pass another --data.")
+
+
+def analyse_domains(checkpoint: str, data_bin: str, domains_path: str, out_dir: str, max_tokens: int) -> dict:
+    """Route test through the checkpoint (evaluation mode, as fairseq-eval-lm routes) and write
+    ``out_dir/domains.json``: per MoE layer the D x E counts of each domain's tokens per first
+    expert and NMI(expert; domain) (moe_plugin.tools.analysis)."""
+    from moe_plugin.tools import analysis
+
+    model, task = analysis.load_checkpoint(checkpoint, data_bin)
+    assign = analysis.collect_assignments(model, task, "test", max_tokens=max_tokens)
+    sizes = analysis.split_documents(task, "test")
+    res = analysis.domain_analysis(assign, sizes, analysis.read_domains(domains_path, sizes.shape[0]))
+    with open(os.path.join(out_dir, "domains.json"), "w") as f:
+        json.dump({"split": "test", "layers": res}, f)
+    return res
+
+
+def read_domain_figures(run_dir: str) -> Optional[dict]:
+    """``domains.json`` of a run (:func:`analyse_domains`), or None."""
+    path = os.path.join(run_dir, "domains.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)["layers"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -217,13 +269,16 @@ def seed_figures(run: dict, floor_nats: float, unigram_nats: Optional[float]) ->
         learned = (unigram_nats - ce) / (unigram_nats - floor_nats)
     end = end_of_training(run)
     valid = run["valid_final"].get("ppl")
+    dom = read_domain_figures(run["dir"]) if run.get("dir") else None
+    nmi = None if not dom else sum(d["nmi_domain"] for d in dom.values()) / len(dom)
     return {"seed": run["seed"], "test_ppl": float(ev["ppl"]), "test_nats": ce, "gap": ce - floor_nats,
             "learned": learned, "valid_ppl": None if valid is None else float(valid), "wps": run["wps"],
             "load_max_end": end["load_max"], "dropped_end": end["dropped"], "end_updates": [end["first"], end["last"]],
-            "seconds": (run.get("meta") or {}).get("seconds")}
+            "nmi_domain": nmi, "seconds": (run.get("meta") or {}).get("seconds")}
 
 
-FIGURES = ("test_ppl", "test_nats", "gap", "learned", "valid_ppl", "wps", "load_max_end", "dropped_end", "seconds")
+FIGURES = ("test_ppl", "test_nats", "gap", "learned", "valid_ppl", "wps", "load_max_end", "dropped_end",
+           "nmi_domain", "seconds")
 
 
 def arch_row(arch: str, per_seed: List[dict], flops: Dict[str, dict], baseline: str = DENSE) -> dict:
@@ -303,7 +358,7 @@ def _fmt(v, spec: str) -> str:
 
 
 def render(rows: List[dict], truth: dict, unigram_nats: Optional[float], args, seconds: Optional[float],
-           plot: Optional[str] = None) -> str:
+           plot: Optional[str] = None, heatmap: Optional[str] = None) -> str:
     from moe_plugin.tools.flops import EQUAL_COMPUTE_TOLERANCE, human
 
     tv, tt = truth["valid"]["perplexity"], truth["test"]["perplexity"]
@@ -323,8 +378,8 @@ def render(rows: List[dict], truth: dict, unigram_nats: Optional[float], args, s
         "",
         "| rank | arch | vs dense_lm | test ppl | gap to floor (nats/token) | learned | total params | "
         "active params | FLOPs/token (eval) | vs dense FLOPs | train words/s | load max/mean (end) | "
-        "% dropped (end) | s per seed |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "% dropped (end) | NMI(expert; domain) | s per seed |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     marked = False
     for r in rows:
@@ -341,7 +396,7 @@ def render(rows: List[dict], truth: dict, unigram_nats: Optional[float], args, s
             "-" if r["active_params"] is None else f"{r['active_params']:,}",
             "-" if r["flops_eval"] is None else human(r["flops_eval"]), ratio,
             _fmt(r["wps"], ".0f"), _fmt(r["load_max_end"], ".3f"), _fmt(r["dropped_end"], ".2f"),
-            _fmt(r["seconds"], ".0f"),
+            _fmt(r["nmi_domain"], ".3f"), _fmt(r["seconds"], ".0f"),
         ]
         if not r["seeds"]:
             cells[3] = "failed"
@@ -363,8 +418,15 @@ def render(rows: List[dict], truth: dict, unigram_nats: Optional[float], args, s
         "Train words/s: the median of the logged intervals after the first. Load max/mean (the MoE layers' mean) "
         f"and % of token slots dropped: the last logged training interval ({end_txt}), not the average "
         "from update 1.",
+        "NMI(expert; domain): I(first expert; domain) / H(first expert) of the test tokens routed by the final "
+        "checkpoint in evaluation mode, each token in its document's domain (test.domains), the MoE layers' "
+        "mean (moe_plugin.tools.analysis): 1 = the expert is a function of the domain, 0 = independent of it.",
         "",
     ]
+    if heatmap:
+        lines += [f"![expert x domain]({os.path.relpath(heatmap, args.out)})", "",
+                  "Share of each domain's test tokens per expert (rows sum to 1), per MoE layer, of the best "
+                  "ranked MoE arch at its first seed.", ""]
     if plot:
         lines += [f"![valid perplexity against updates]({os.path.relpath(plot, args.out)})", "",
                   "Valid perplexity of the training's validations (no context window, so above what "
@@ -396,6 +458,46 @@ def plot_valid(runs: List[dict], floor_ppl: float, path: str, order: Sequence[st
     ax.set_ylabel("valid perplexity")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     return report._save(plt, fig, ax, "valid perplexity (mean over seeds) and the floor", path)
+
+
+def best_moe_run(rows: List[dict], runs: List[dict], baseline: str = DENSE) -> Optional[dict]:
+    """The run (first seed) of the best ranked MoE arch that has an expert x domain analysis."""
+    for r in rows:
+        if r["arch"] == baseline or r["rank"] is None:
+            continue
+        for run in sorted((x for x in runs if x["name"] == r["arch"]), key=lambda x: x["seed"] or 0):
+            if read_domain_figures(run["dir"]):
+                return run
+    return None
+
+
+def plot_domains(run: dict, path: str) -> Optional[str]:
+    """Heatmap per MoE layer: rows = domains, columns = experts, share of the domain's test
+    tokens whose first expert is that one (rows sum to 1)."""
+    import numpy as np
+
+    from moe_plugin.tools import report
+
+    layers = read_domain_figures(run["dir"])
+    if not layers:
+        return None
+    plt = report._plt()
+    names = sorted(layers, key=lambda n: int(re.sub(r"\D", "", n) or 0))
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names) + 1.2, 5.0), squeeze=False)
+    im = None
+    for ax, name in zip(axes[0], names):
+        C = np.asarray(layers[name]["counts"], dtype=np.float64)
+        share = C / np.maximum(C.sum(1, keepdims=True), 1)
+        im = ax.imshow(share, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+        ax.set_title(f"layer {name[1:]}: NMI {layers[name]['nmi_domain']:.2f}", fontsize=9)
+        ax.set_xlabel("expert")
+        ax.set_ylabel("domain")
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="share of the domain's tokens")
+    fig.suptitle(f"{run['name']} (seed {run['seed']}): expert x domain on test", fontsize=10)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _jsonable(x):
@@ -436,14 +538,21 @@ def write_table(args, order: Sequence[str] = (), seconds: Optional[float] = None
                           order)
     except ImportError as e:  # matplotlib is optional for the table
         print(f"[demo] no plot ({e})", flush=True)
-    md = render(rows, truth, unigram, args, seconds, plot)
+    heatmap = None
+    best = best_moe_run(rows, runs)
+    if best is not None:
+        try:
+            heatmap = plot_domains(best, os.path.join(args.out, "plots", "expert_domain.png"))
+        except ImportError as e:
+            print(f"[demo] no heatmap ({e})", flush=True)
+    md = render(rows, truth, unigram, args, seconds, plot, heatmap)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(md)
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(_jsonable({"rows": rows, "truth": truth, "unigram_cross_entropy_nats": unigram, "flops": flops}),
                   f, indent=2)
     print(md)
-    print(f"[demo] wrote {os.path.join(args.out, 'results.md')}" + (f" and {plot}" if plot else ""))
+    print(f"[demo] wrote {os.path.join(args.out, 'results.md')}" + "".join(f" and {p}" for p in (plot, heatmap) if p))
     return rows
 
 
@@ -456,13 +565,19 @@ def main(argv=None):
     quiet_imports()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(ROOT, "results", "demo"))
-    p.add_argument("--data", default=os.path.join(ROOT, "data", "synthetic"))
+    p.add_argument("--preset", default="calibrated", choices=("calibrated", "context", "control", "none"),
+                   help="the synthetic corpus (data-prep/synthetic.py --preset; docs/synthetic.md): calibrated "
+                   "(32 domains of their own words), context (32 domains sharing their words: the next word "
+                   "depends on the domain read from the context), control (2 domains: capacity is not the "
+                   "bottleneck) or none (the script's defaults)")
+    p.add_argument("--data", default=None, help="corpus directory (default: data/synthetic-<preset>); "
+                   "generated and binarised when DIR/data-bin is missing")
     p.add_argument("--archs", default="all", help="comma-separated subset, default: dense_lm + every registered arch")
     p.add_argument("--seeds", default="1,2", help="training seeds, comma-separated (each a run of its own)")
     p.add_argument("--data-seed", type=int, default=1, help="the synthetic corpus' seed (the same for every run)")
     p.add_argument("--max-update", type=int, default=200)
     p.add_argument("--valid-every", type=int, default=0, help="validate every N updates (0: max-update / 4)")
-    p.add_argument("--train-tokens", type=int, default=2_000_000)
+    p.add_argument("--train-tokens", type=int, default=None, help="training tokens of the corpus (default: the preset's)")
     p.add_argument("--embed-dim", type=int, default=128)
     p.add_argument("--ffn-dim", type=int, default=512)
     p.add_argument("--layers", type=int, default=4)
@@ -473,6 +588,8 @@ def main(argv=None):
     p.add_argument("--table-only", action="store_true",
                    help="render the table from the runs already in --out (no corpus, no training)")
     args = p.parse_args(argv)
+    if args.data is None:
+        args.data = os.path.join(ROOT, "data", f"synthetic-{args.preset}")
     try:
         seeds = parse_seeds(args.seeds)
     except ValueError as e:
@@ -492,12 +609,15 @@ def main(argv=None):
     data_bin = os.path.join(args.data, "data-bin")
     if not os.path.exists(os.path.join(data_bin, "dict.txt")):
         print(f"[demo] generating the synthetic corpus in {args.data}", flush=True)
-        sh([py, "data-prep/synthetic.py", "--out", args.data, "--seed", str(args.data_seed),
-            "--train-tokens", str(args.train_tokens)])
+        gen = [py, "data-prep/synthetic.py", "--out", args.data, "--seed", str(args.data_seed)]
+        gen += [] if args.preset == "none" else ["--preset", args.preset]
+        gen += [] if args.train_tokens is None else ["--train-tokens", str(args.train_tokens)]
+        sh(gen)
         sh([py, "-m", "fairseq_cli.preprocess", "--only-source", "--trainpref", f"{args.data}/train.txt",
             "--validpref", f"{args.data}/valid.txt", "--testpref", f"{args.data}/test.txt",
             "--destdir", data_bin, "--workers", "2"], os.path.join(args.out, "preprocess.log"))
     truth = json.load(open(os.path.join(args.data, "truth.json")))
+    check_corpus(truth, args)
 
     # 2. FLOPs and parameters ------------------------------------------------------------
     archs = [DENSE_ARCH] + sorted(ARCHS) if args.archs == "all" else args.archs.split(",")

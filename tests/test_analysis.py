@@ -2,6 +2,7 @@
 of a real hash_lm checkpoint against the hash table it routes with."""
 
 import collections
+import json
 import math
 import os
 
@@ -50,6 +51,36 @@ def test_mutual_information_against_scikit_learn():
     assert analysis.mutual_information(a, a) == pytest.approx(analysis.entropy_of_labels(a))
 
 
+def test_expert_domain_counts_and_nmi_against_brute_force_and_scikit_learn():
+    from sklearn.metrics import mutual_info_score
+
+    rng = np.random.default_rng(3)
+    dom = rng.integers(0, 6, size=2000)
+    first = np.where(rng.random(2000) < 0.7, dom % 4, rng.integers(0, 4, size=2000))
+    first[rng.random(2000) < 0.1] = -1  # dropped tokens are not counted
+    C = analysis.expert_domain_counts(first, dom, 4, 6)
+    brute = np.zeros((6, 4), dtype=np.int64)
+    for d, e in zip(dom.tolist(), first.tolist()):
+        if e >= 0:
+            brute[d, e] += 1
+    assert np.array_equal(C, brute)
+    ok = first >= 0
+    h = -sum(p * math.log(p) for p in np.bincount(first[ok]) / ok.sum() if p > 0)
+    assert analysis.domain_nmi(first, dom) == pytest.approx(mutual_info_score(first[ok], dom[ok]) / h)
+    # an expert that is a function of the domain: 1; routing independent of it: about 0
+    assert analysis.domain_nmi(dom % 4, dom) == pytest.approx(1.0)
+    assert analysis.domain_nmi(rng.integers(0, 4, size=20000), rng.integers(0, 6, size=20000)) < 0.01
+
+
+def test_document_of_against_a_walk_over_the_documents():
+    sizes = np.array([3, 1, 5, 2])
+    walk = [d for d, n in enumerate(sizes) for _ in range(n)]  # the stream, token by token
+    pos = np.array([-1, 0, 2, 3, 4, 8, 9, 10])
+    assert analysis.document_of(pos, sizes).tolist() == [0] + [walk[p] for p in pos[1:]]
+    with pytest.raises(ValueError, match="past the split"):
+        analysis.document_of(np.array([11]), sizes)
+
+
 def test_routing_change_counts_changes_and_undoes_relabelling():
     rng = np.random.default_rng(3)
     a = rng.integers(0, 5, size=300)
@@ -95,11 +126,48 @@ def test_dump_of_a_hash_checkpoint_follows_its_table(tiny_run, tiny_corpus, tmp_
     mid = os.path.join(ckpt_dir, f"checkpoint_*_{_reproduce_runs.UPDATES // 2}.pt")
     assert analysis.main([os.path.join(ckpt_dir, "checkpoint_last.pt"), "--data", tiny_corpus[1], "--compare", mid,
                           "--out", str(out), "--cpu", "--max-tokens", "1024"]) == 0
-    import json
-
     res = json.loads((out / "analysis.json").read_text())
     assert all(c["changed"] == 0.0 for c in res["change"].values())
     md = (out / "analysis.md").read_text()
     assert "## Layer l0: each expert's most frequent tokens" in md
     npz = np.load(out / "assignments.npz")
     assert np.array_equal(npz["l1_experts_NK"], assign["l1"]["experts"])
+
+
+@pytest.mark.e2e
+def test_tokens_are_placed_in_their_documents_domains(tiny_run, tiny_corpus, tmp_path):
+    """Each routed token's document, from fairseq's token blocks, against a walk over valid.txt
+    (line i: its words and the end of document), and the --domains report."""
+    text_dir, data_bin = tiny_corpus
+    ckpt = os.path.join(tiny_run.out, "hash_random", "checkpoints", "checkpoint_last.pt")
+    model, task = analysis.load_checkpoint(ckpt, data_bin)
+    assign = analysis.collect_assignments(model, task, "valid", max_tokens=1024)
+    lines = open(os.path.join(text_dir, "valid.txt")).read().splitlines()
+    words = [w for line in lines for w in line.split() + ["</s>"]]
+    doc_of_word = [i for i, line in enumerate(lines) for _ in range(len(line.split()) + 1)]
+    dictionary = task.source_dictionary
+    sizes = analysis.split_documents(task, "valid")
+    assert sizes.tolist() == [len(line.split()) + 1 for line in lines]
+    for a in assign.values():
+        # every token is routed once as an input, the stream's last only ever a target
+        assert sorted(a["pos"].tolist()) == list(range(-1, len(words) - 1))
+        assert [dictionary[i] for i in a["ids"][a["pos"] >= 0][:200]] == [words[p] for p in a["pos"][a["pos"] >= 0][:200]]
+        docs = analysis.document_of(a["pos"], sizes)
+        assert docs.tolist() == [doc_of_word[max(p, 0)] for p in a["pos"].tolist()]
+    # a wrong layout is refused, not attributed to the wrong documents
+    shifted = {name: dict(a, pos=a["pos"] + 1) for name, a in assign.items()}
+    blocks = analysis._token_blocks(task.dataset("valid"))
+    with pytest.raises(RuntimeError, match="cannot attribute"):
+        analysis._check_positions(shifted, blocks, dictionary.eos())
+    with pytest.raises(ValueError, match="domains for"):
+        analysis.read_domains(os.path.join(text_dir, "test.domains"), sizes.shape[0] + 1)
+    out = tmp_path / "dom"
+    assert analysis.main([ckpt, "--data", data_bin, "--domains", os.path.join(text_dir, "valid.domains"),
+                          "--out", str(out), "--cpu", "--max-tokens", "1024"]) == 0
+    res = json.loads((out / "analysis.json").read_text())["layers"]
+    dom_docs = analysis.read_domains(os.path.join(text_dir, "valid.domains"), len(lines))
+    for name, a in assign.items():
+        dom = dom_docs[analysis.document_of(a["pos"], sizes)]
+        assert res[name]["nmi_domain"] == pytest.approx(analysis.domain_nmi(a["experts"][:, 0], dom))
+        assert np.array(res[name]["counts"]).sum() == (a["experts"][:, 0] >= 0).sum()
+    assert "NMI(expert; domain)" in (out / "analysis.md").read_text()

@@ -38,6 +38,9 @@ FLOPS = {"dense_lm": 1000.0, "switch_lm": 1010.0, "base_lm": 1100.0, "hash_lm": 
 # per seed: (load max/mean, % dropped) of the two logged train_inner intervals, and of the train average
 INTERVALS = {1: [(3.0, 40.0), (1.25, 2.5)], 2: [(2.5, 30.0), (1.75, 4.5)]}
 TRAIN_AVERAGE = (2.1, 21.0)
+# arch -> per seed, per MoE layer: NMI(expert; domain) of domains.json (2 domains x 2 experts counts)
+NMI = {"switch_lm": {1: {"l1": 0.8, "l3": 0.6}, 2: {"l1": 0.5, "l3": 0.3}}, "hash_lm": {1: {"l1": 0.1}, 2: {"l1": 0.2}}}
+COUNTS = [[30, 10], [5, 55]]
 
 
 def _report(arch, flops):
@@ -85,6 +88,9 @@ def table(tmp_path_factory):
                 "name": arch, "label": arch, "arch": arch, "seed": seed, "status": "trained" if trained else "failed",
                 "evals": [{"name": "test", "label": "test", "log": "eval_test.log"}], "meta": {"seconds": 10 * seed}}))
             (d / "train.log").write_text(_train_log(arch, seed))
+            if arch in NMI:
+                (d / "domains.json").write_text(json.dumps({"split": "test", "layers": {
+                    name: {"nmi_domain": v, "counts": COUNTS} for name, v in NMI[arch][seed].items()}}))
             if trained:
                 bits = (FLOOR + gap) / math.log(2)
                 (d / "eval_test.log").write_text(f"Evaluated 4 tokens\nLoss (base 2): {bits:.10f}, "
@@ -163,6 +169,29 @@ def test_unigram_cross_entropy_and_learned_share(table):
     r = table["rows"]["switch_lm"]
     want = [(CE_UNI - (FLOOR + g)) / (CE_UNI - FLOOR) for g in GAPS["switch_lm"]]
     assert r["learned"]["values"] == pytest.approx(want)
+
+
+def test_expert_domain_nmi_is_the_layers_mean_and_the_heatmap_is_the_best_moe_arch(table):
+    for arch, per_seed in NMI.items():
+        want = [statistics.mean(per_seed[s].values()) for s in (1, 2)]
+        assert table["rows"][arch]["nmi_domain"]["values"] == pytest.approx(want)
+    assert table["rows"]["dense_lm"]["nmi_domain"] is None
+    assert "NMI(expert; domain)" in table["md"]
+    # switch_lm ranks first among the MoE archs; its seed-1 analysis is drawn
+    assert table["order"][0] == "switch_lm"
+    assert (table["out"] / "plots" / "expert_domain.png").stat().st_size > 0
+    assert "![expert x domain](plots/expert_domain.png)" in table["md"]
+
+
+def test_a_corpus_of_another_preset_is_refused(tmp_path):
+    data = tmp_path / "data"
+    (data / "data-bin").mkdir(parents=True)
+    (data / "data-bin" / "dict.txt").write_text("w1 1\n")
+    (data / "truth.json").write_text(json.dumps({"config": {"preset": "control", "seed": 1}}))
+    proc = subprocess.run([sys.executable, DEMO, "--data", str(data), "--out", str(tmp_path / "out")], cwd=ROOT,
+                          capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode != 0
+    assert "generated with preset 'control', seed 1; asked for --preset calibrated, --data-seed 1" in proc.stderr
 
 
 def test_bad_seeds_are_refused():

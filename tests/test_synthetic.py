@@ -124,15 +124,19 @@ def test_preset_truth_equals_brute_force(tmp_path, preset):
     """A tiny instance of the preset (its order and vocabulary layout, fewer words): truth.json's
     floor equals the plain-loop likelihood, and the order-1 tables are what order 1 means."""
     out = tmp_path / "syn"
-    synthetic.main(["--out", str(out), "--preset", preset, *TINY_PRESET])
+    disjoint = synthetic.PRESETS[preset]["disjoint"]
+    synthetic.main(["--out", str(out), "--preset", preset, *TINY_PRESET, *([] if disjoint else ["--shared-vocab", "2"])])
     src = dict(np.load(out / "source.npz"))
     assert synthetic.PRESETS[preset]["order"] == 1
     # order 1: the successors and weights of context (a, b) do not depend on a
     assert (src["succ"] == src["succ"][:, :1]).all() and (src["probs"] == src["probs"][:, :1]).all()
     assert np.allclose(src["probs"].sum(-1), 1.0)
-    # disjoint: no word is in two domains, and the vocabulary is used exactly
     words = src["vocab_DN"].ravel()
-    assert len(set(words.tolist())) == words.size == 18
+    if disjoint:  # no word is in two domains, and the vocabulary is used exactly
+        assert len(set(words.tolist())) == words.size == 18
+    else:  # the shared words in every domain, the others drawn for each domain from one pool
+        assert (src["vocab_DN"][:, :2] == np.arange(2)).all()
+        assert len(set(words.tolist())) < words.size
     assert_truth_is_brute_force(out)
 
 

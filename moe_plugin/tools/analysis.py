@@ -8,8 +8,8 @@ E experts of a layer, V vocabulary size.
 1. **Dump**: runs the model (evaluation mode, as fairseq-eval-lm routes) over the split
    and records, for every MoE layer, each token's id, its previous token's id and its
    experts (``DIR/assignments.npz``: ``l{i}_ids_N``, ``l{i}_prev_N``, ``l{i}_experts_NK``,
-   ``-1`` = a dropped slot). Routers are found as modules of class
-   :class:`moe_plugin.routing.Router`; their results are read with forward hooks, so any
+   ``-1`` = a dropped slot; ``l{i}_pos_N``, the token's position in the split). Routers are
+   found as modules of class :class:`moe_plugin.routing.Router`; their results are read with forward hooks, so any
    router and any layer class (MultiHash, BASE) is covered without touching the model.
 2. **Experts' tokens** (BASE paper, Lewis et al. 2021, Table 1): for each expert of each
    layer, its share of the tokens and its most frequent tokens and previous tokens (the
@@ -26,6 +26,11 @@ E experts of a layer, V vocabulary size.
    agreement after the best one-to-one relabelling of the experts (Hungarian matching of
    the E x E co-assignment counts, scipy), which is what matters between two independent
    runs whose expert numbering is arbitrary.
+5. **Experts and domains** (``--domains SPLIT.domains``, the side file data-prep/synthetic.py
+   writes): each routed token is placed in its document (from fairseq's token blocks and the
+   sample ids, checked against the split's tokens), and per layer the D x E counts of each
+   domain's tokens per first expert and ``NMI(expert; domain) = I(expert; domain) / H(expert)``
+   are reported (1: the expert is a function of the domain).
 
 Writes ``DIR/analysis.md`` (tables), ``DIR/analysis.json`` and ``DIR/assignments.npz``.
 """
@@ -108,6 +113,46 @@ def entropy_of_labels(a_N: np.ndarray) -> float:
     return float(-(p * np.log(p)).sum())
 
 
+def expert_domain_counts(first_N: np.ndarray, domain_N: np.ndarray, num_experts: int,
+                         num_domains: int) -> np.ndarray:
+    """(D, E) tokens of each domain whose first expert is e (dropped tokens, -1, not counted)."""
+    ok = first_N >= 0
+    C = np.zeros((num_domains, num_experts), dtype=np.int64)
+    np.add.at(C, (domain_N[ok], first_N[ok]), 1)
+    return C
+
+
+def domain_nmi(first_N: np.ndarray, domain_N: np.ndarray) -> float:
+    """I(first expert; domain) / H(first expert) over the routed tokens: the share of the
+    routing's entropy the document's domain explains (1 = the expert is a function of the
+    domain; 0 = independent). The same normalisation as ``nmi_token``."""
+    ok = first_N >= 0
+    h = entropy_of_labels(first_N[ok]) if ok.any() else 0.0
+    return mutual_information(first_N[ok], domain_N[ok]) / h if h > 0 else 0.0
+
+
+def document_of(positions_N: np.ndarray, doc_sizes: np.ndarray) -> np.ndarray:
+    """Document index of each position of the split's token stream (the documents' tokens,
+    each ending with its end-of-document token, one after the other); position -1 (the
+    end-of-document token fairseq puts before the stream's first token) is document 0."""
+    ends = np.cumsum(np.asarray(doc_sizes, dtype=np.int64))
+    pos = np.maximum(np.asarray(positions_N, dtype=np.int64), 0)
+    if pos.size and pos.max() >= ends[-1]:
+        raise ValueError(f"position {int(pos.max())} is past the split's {int(ends[-1])} tokens")
+    return np.searchsorted(ends, pos, side="right")
+
+
+def read_domains(path: str, num_docs: int) -> np.ndarray:
+    """The ``<split>.domains`` side file of data-prep/synthetic.py: one domain per document,
+    in the order of ``<split>.txt``; checked against the split's number of documents."""
+    with open(path) as f:
+        dom = np.array([int(line) for line in f if line.strip()], dtype=np.int64)
+    if dom.shape[0] != num_docs:
+        raise ValueError(f"{path}: {dom.shape[0]} domains for {num_docs} documents in the split; "
+                         "the side file must come from the same corpus as the data-bin")
+    return dom
+
+
 def routing_change(first_a_N: np.ndarray, first_b_N: np.ndarray, num_experts: int) -> Dict[str, float]:
     """How the first expert of the same tokens differs between two checkpoints.
 
@@ -168,16 +213,45 @@ def routers_of(model):
     return out
 
 
+def _token_blocks(dataset):
+    """The TokenBlockDataset under fairseq's language-modeling dataset wrappers, or None."""
+    d = dataset
+    for _ in range(8):
+        if hasattr(d, "slice_indices") and hasattr(d, "dataset"):
+            return d
+        d = getattr(d, "dataset", None)
+        if d is None:
+            return None
+    return None
+
+
+def split_documents(task, split: str) -> np.ndarray:
+    """(docs,) tokens of each document of ``split`` (its end-of-document token included), in
+    the order fairseq-preprocess binarised them, i.e. the order of ``<split>.txt``."""
+    task.load_dataset(split)
+    blocks = _token_blocks(task.dataset(split))
+    if blocks is None:
+        raise ValueError(f"split {split!r}: not a language-modeling dataset of token blocks")
+    return np.asarray(blocks.dataset.sizes, dtype=np.int64)
+
+
 def collect_assignments(model, task, split: str, max_tokens: int = 4096, limit_tokens: int = 0) -> Dict[str, dict]:
-    """Run the model over ``split``; per router: ids_N, prev_N, experts_NK (numpy)."""
+    """Run the model over ``split``; per router: ids_N, prev_N, experts_NK and pos_N (numpy).
+
+    ``pos_N``: each routed token's position in the split's token stream (the documents one
+    after the other, see :func:`document_of`; -1 = the end-of-document token fairseq puts
+    before the first block), from the sample ids and fairseq's token blocks; checked against
+    the stream itself, so a dataset whose blocks are laid out otherwise fails here instead of
+    attributing tokens to the wrong documents."""
     import torch
     from fairseq import utils
 
     routers = routers_of(model)
     if not routers:
         raise SystemExit("the checkpoint has no MoE router (a dense model?): nothing to analyse")
-    store = {name: {"ids": [], "prev": [], "experts": []} for name, _ in routers}
+    store = {name: {"ids": [], "prev": [], "experts": [], "pos": []} for name, _ in routers}
     num_experts = {name: r.num_experts for name, r in routers}
+    current = {}  # the batch's stream positions, row t * B + b as the routers see it
 
     def hook_for(name):
         def hook(module, args, kwargs, output):
@@ -188,6 +262,8 @@ def collect_assignments(model, task, split: str, max_tokens: int = 4096, limit_t
             store[name]["ids"].append(tokens.ids_T[keep].cpu().numpy())
             store[name]["prev"].append(tokens.prev_ids_T[keep].cpu().numpy())
             store[name]["experts"].append(output.expert_ids_TK[keep].cpu().numpy())
+            if "pos_T" in current and not tokens.incremental:
+                store[name]["pos"].append(current["pos_T"][keep.cpu().numpy()])
 
         return hook
 
@@ -200,10 +276,18 @@ def collect_assignments(model, task, split: str, max_tokens: int = 4096, limit_t
             max_positions=utils.resolve_max_positions(task.max_positions(), model.max_positions()),
             ignore_invalid_inputs=True, num_workers=0,
         ).next_epoch_itr(shuffle=False)
+        blocks = _token_blocks(dataset)
+        starts = np.asarray(blocks.slice_indices, dtype=np.int64)[:, 0] if blocks is not None else None
         device = next(model.parameters()).device
         seen = 0
         with torch.no_grad():
             for sample in itr:
+                if starts is not None:
+                    B, L = sample["net_input"]["src_tokens"].shape
+                    # the source is the target shifted right by one: row b's token t is the
+                    # stream's token start - 1 + t
+                    pos_BL = starts[sample["id"].cpu().numpy()][:, None] - 1 + np.arange(L)[None, :]
+                    current["pos_T"] = pos_BL.T.reshape(-1)
                 sample = utils.move_to_cuda(sample, device=device) if device.type == "cuda" else sample
                 model(**sample["net_input"])
                 seen += int(sample["ntokens"])
@@ -220,7 +304,27 @@ def collect_assignments(model, task, split: str, max_tokens: int = 4096, limit_t
             "experts": np.concatenate(st["experts"]) if st["experts"] else np.zeros((0, 1), np.int64),
             "num_experts": num_experts[name],
         }
+        if st["pos"] and sum(p.shape[0] for p in st["pos"]) == out[name]["ids"].shape[0]:
+            out[name]["pos"] = np.concatenate(st["pos"])
+    if starts is not None:
+        _check_positions(out, blocks, task.source_dictionary.eos())
     return out
+
+
+def _check_positions(assign: Dict[str, dict], blocks, eos: int) -> None:
+    """Every routed token is the stream's token at its recorded position (eos at -1)."""
+    import torch
+
+    base = blocks.dataset
+    stream = torch.cat([base[i] for i in range(len(base))]).numpy()
+    for name, a in assign.items():
+        if "pos" not in a:
+            continue
+        pos, ids = a["pos"], a["ids"]
+        expect = np.where(pos >= 0, stream[np.maximum(pos, 0)], eos)
+        if not np.array_equal(expect, ids):
+            raise RuntimeError(f"router {name}: the routed tokens are not the split's tokens at the positions "
+                               "derived from fairseq's token blocks; cannot attribute them to documents")
 
 
 # ----------------------------------------------------------------------------------------
@@ -250,6 +354,21 @@ def analyse(assign: Dict[str, dict], top: int = 5) -> Dict[str, dict]:
     return res
 
 
+def domain_analysis(assign: Dict[str, dict], doc_sizes: np.ndarray, domains_docs: np.ndarray) -> Dict[str, dict]:
+    """Per layer: ``nmi_domain`` (:func:`domain_nmi`) and ``counts`` (D x E,
+    :func:`expert_domain_counts`) of the routed tokens, each token in its document's domain."""
+    D = int(domains_docs.max()) + 1 if domains_docs.size else 0
+    res = {}
+    for name, a in assign.items():
+        if "pos" not in a:
+            raise ValueError(f"layer {name}: no token positions were recorded; cannot relate experts to domains")
+        dom = domains_docs[document_of(a["pos"], doc_sizes)]
+        first = a["experts"][:, 0]
+        res[name] = {"nmi_domain": domain_nmi(first, dom),
+                     "counts": expert_domain_counts(first, dom, a["num_experts"], D).tolist()}
+    return res
+
+
 def _sym(dictionary, idx: int) -> str:
     s = dictionary[idx] if dictionary is not None and 0 <= idx < len(dictionary) else str(idx)
     return s.replace("|", "\\|")
@@ -265,6 +384,9 @@ def render(res: Dict[str, dict], dictionary=None, change: Optional[Dict[str, dic
         lines.append(f"| {name} | {r['experts']} | {r['tokens']:,} | {r['entropy_norm']:.3f} | {r['load_max']:.2f} | "
                      f"{int(r['unused'])} | {r['nmi_token']:.3f} | {r['nmi_prev']:.3f} |")
     lines += ["", "NMI = I(first expert; token) / H(first expert), plug-in estimate.", ""]
+    if any("nmi_domain" in r for r in res.values()):
+        lines += ["NMI(expert; domain), the same normalisation (each token in its document's domain): " +
+                  ", ".join(f"{name} {r['nmi_domain']:.3f}" for name, r in res.items() if "nmi_domain" in r), ""]
     if change:
         lines += ["## Routing change between the two checkpoints", "",
                   "| layer | tokens | first expert changed | agreement after best relabelling |", "|---|---:|---:|---:|"]
@@ -307,12 +429,18 @@ def main(argv=None) -> int:
     p.add_argument("--limit-tokens", type=int, default=0, help="stop after this many tokens (0 = whole split)")
     p.add_argument("--top", type=int, default=5, help="tokens listed per expert")
     p.add_argument("--max-experts", type=int, default=16, help="experts listed per layer (the most loaded)")
+    p.add_argument("--domains", default="", help="the split's side file of document domains "
+                   "(data-prep/synthetic.py writes <split>.domains): adds NMI(expert; domain) per layer")
     p.add_argument("--cpu", action="store_true")
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     model, task = load_checkpoint(args.checkpoint, args.data, cpu=args.cpu)
     assign = collect_assignments(model, task, args.split, args.max_tokens, args.limit_tokens)
     res = analyse(assign, args.top)
+    if args.domains:
+        sizes = split_documents(task, args.split)
+        for name, d in domain_analysis(assign, sizes, read_domains(args.domains, sizes.shape[0])).items():
+            res[name].update(d)
     change = None
     if args.compare:
         other = resolve_one(args.compare)
@@ -328,7 +456,8 @@ def main(argv=None) -> int:
             change[name] = routing_change(a["experts"][:, 0], b["experts"][:, 0], a["num_experts"])
     np.savez_compressed(os.path.join(args.out, "assignments.npz"), **{
         f"{name}_{k}": v for name, a in assign.items() for k, v in
-        (("ids_N", a["ids"]), ("prev_N", a["prev"]), ("experts_NK", a["experts"]))})
+        (("ids_N", a["ids"]), ("prev_N", a["prev"]), ("experts_NK", a["experts"]), ("pos_N", a.get("pos")))
+        if v is not None})
     title = f"{args.checkpoint} on {args.split}" + (f", compared with {args.compare}" if args.compare else "")
     md = render(res, task.source_dictionary, change, title, args.max_experts)
     with open(os.path.join(args.out, "analysis.md"), "w") as f:
