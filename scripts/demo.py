@@ -1,24 +1,26 @@
 #!/usr/bin/env python3
-"""make demo: every registered arch against the dense baseline dense_lm on the synthetic corpus,
-over seeds, at measured active compute.
+"""make demo: the dense baseline dense_lm against the MoE archs (by default Switch, GShard and
+one arch per paper: BASE, Hash, SAM, HyperRouter; ``--archs all`` for every registered arch)
+on a synthetic corpus with a known answer, over seeds, at measured active compute.
 
-1. Generates the synthetic corpus (data-prep/synthetic.py ``--preset calibrated``, or
-   ``--preset control``/``none``: docs/synthetic.md; its truth.json holds the exact
-   cross-entropy of the generating source, the floor, and its <split>.domains each document's
-   domain) into ``data/synthetic-<preset>`` and binarises it with fairseq-preprocess; a
-   directory generated with another preset or data seed is refused, not reused.
+1. Generates the synthetic corpus (data-prep/synthetic.py ``--preset context``: 32 domains
+   sharing 512 words, the next word depending on the domain read off the context, where the
+   routers separate; or ``--preset calibrated``/``control``/``none``: docs/synthetic.md; its
+   truth.json holds the exact cross-entropy of the generating source, the floor, and its
+   <split>.domains each document's domain) into ``data/synthetic-<preset>`` and binarises it
+   with fairseq-preprocess; a directory generated with another preset or data seed is
+   refused, not reused.
 2. Counts each arch's active forward FLOPs per token and its parameters on the model built
    from the flags it trains with (moe_plugin.tools.flops; no data read but the dictionary).
 3. Trains the dense baseline ``dense_lm`` (the MoE archs' model without MoE layers, so
    the same embedding, normalisation and final LayerNorm; fairseq's ``transformer_lm``
-   builds another model from the same flags: docs/fidelity.md, section dense) and every
-   arch registered by a moe_plugin router (switch_lm, gshard_lm, and whatever later
-   routers register) with the same shape and the same active FFN compute per token: an
-   arch that activates K experts gets experts of hidden size F/K. Fixed number of updates
-   on CPU, once per seed of ``--seeds`` (default 1,2; the corpus is the same for every
-   seed: ``--data-seed``), validating on the whole valid set every ``--valid-every``
-   updates (default: 4 times; the curve of the plot, in place of the former fairseq-eval-lm
-   run on valid, so a run costs about what it did; the table's quality figure is test's).
+   builds another model from the same flags: docs/fidelity.md, section dense) and each MoE
+   arch with the same shape and the same active FFN compute per token: an arch that
+   activates K experts gets experts of hidden size F/K. Fixed number of updates on CPU,
+   once per seed of ``--seeds`` (default 1,2; the corpus is the same for every seed:
+   ``--data-seed``), ``--jobs`` runs at a time (default 2 on 2 CPUs, one thread each),
+   validating on the whole valid set every ``--valid-every`` updates (default: 4 times; the
+   curve of the plot; the table's quality figure is test's).
 4. Evaluates each checkpoint with fairseq-eval-lm on test, and routes test through each MoE
    checkpoint to relate its experts to the documents' domains (domains.json).
 5. Prints and writes results/demo/results.md (and results.json, plots/valid_ppl.png,
@@ -49,6 +51,7 @@ Run as ``make demo``; ``python scripts/demo.py --help`` for the knobs.
 """
 
 import argparse
+import concurrent.futures
 import dataclasses
 import glob
 import json
@@ -70,9 +73,10 @@ DENSE = "dense_lm"  # moe_plugin.models.archs.DENSE_ARCH (that module imports fa
 BETTER, WORSE, WITHIN, NO_SPREAD = "better", "worse", "within spread", "no spread (n<2)"
 
 
-def sh(cmd, log_path=None, echo_prefix=None):
+def sh(cmd, log_path=None, echo_prefix=None, env=None):
     """Run a command (moe_plugin.tools.commands.run), echoing fairseq's train/valid progress as
-    ``PREFIX: train update N nll_loss(bits) L`` when ``echo_prefix`` is given; returns its output."""
+    ``PREFIX: train update N nll_loss(bits) L`` when ``echo_prefix`` is given; returns its output.
+    ``env``: variables set for the command on top of this process' environment."""
 
     def progress(line):
         if not echo_prefix or not ("| train_inner |" in line or "| valid |" in line):
@@ -83,7 +87,18 @@ def sh(cmd, log_path=None, echo_prefix=None):
         return (f"{echo_prefix}: {kind} update {m.group(1) if m else '?'} "
                 f"nll_loss(bits) {loss.group(1) if loss else '?'}")
 
-    return commands.run(cmd, log=log_path, echo=progress).stdout
+    return commands.run(cmd, log=log_path, echo=progress, env=env).stdout
+
+
+def job_threads(jobs: int) -> int:
+    """The OMP/torch threads of each of ``jobs`` concurrent runs: this process' OMP_NUM_THREADS
+    (else the CPU count) shared out, at least 1."""
+    try:
+        total = int(os.environ.get("OMP_NUM_THREADS", "") or 0)
+    except ValueError:
+        total = 0
+    total = total or (os.cpu_count() or 1)
+    return max(total // max(jobs, 1), 1)
 
 
 def quiet_imports():
@@ -160,10 +175,12 @@ def count_flops(args, archs: Sequence[str], data_bin: str, seed: int) -> Dict[st
     return out
 
 
-def run_seed(arch, seed, args, py, data_bin, out_dir) -> None:
+def run_seed(arch, seed, args, py, data_bin, out_dir, threads: Optional[int] = None) -> None:
     """Train ``arch`` at ``seed`` from scratch into ``out_dir`` (train.log, checkpoints/),
-    evaluate it on test (eval_test.log) and write run.json (status, seconds)."""
+    evaluate it on test (eval_test.log) and write run.json (status, seconds); ``threads``: the
+    OMP_NUM_THREADS of its commands (None: this process')."""
     t0 = time.time()
+    env = None if threads is None else {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     save = os.path.join(out_dir, "checkpoints")
     shutil.rmtree(out_dir, ignore_errors=True)  # fairseq would resume from an old checkpoint_last
     os.makedirs(out_dir)
@@ -178,13 +195,14 @@ def run_seed(arch, seed, args, py, data_bin, out_dir) -> None:
     print(f"[demo] {arch} seed {seed}: training {args.max_update} updates", flush=True)
     sh([py, "-m", "fairseq_cli.train", data_bin, "--task", "language_modeling", "--user-dir",
         os.path.join(ROOT, "moe_plugin"), "--cpu", *train_flags(args, arch, seed, save)],
-       os.path.join(out_dir, "train.log"), echo_prefix=f"{arch}/seed{seed}")
+       os.path.join(out_dir, "train.log"), echo_prefix=f"{arch}/seed{seed}", env=env)
     sh([py, "-m", "fairseq_cli.eval_lm", data_bin, "--user-dir", os.path.join(ROOT, "moe_plugin"),
         "--path", os.path.join(save, "checkpoint_last.pt"), "--cpu", "--gen-subset", "test",
         "--tokens-per-sample", str(args.tokens_per_sample), "--context-window", str(args.tokens_per_sample // 2),
-        "--max-tokens", str(args.max_tokens)], os.path.join(out_dir, "eval_test.log"))
+        "--max-tokens", str(args.max_tokens)], os.path.join(out_dir, "eval_test.log"), env=env)
     meta["status"] = "trained"
     meta["meta"]["seconds"] = round(time.time() - t0, 1)
+    meta["meta"]["threads"] = threads
     write_meta()
     domains = os.path.join(args.data, "test.domains")
     if arch != DENSE and os.path.exists(domains):
@@ -357,6 +375,44 @@ def _fmt(v, spec: str) -> str:
     return stats.format_estimate(v, spec)
 
 
+#: the archs of a default ``make demo``: the dense baseline, Switch and GShard, and one arch per
+#: paper (BASE, Hash, SAM, HyperRouter); ``--archs all`` adds the rest (SMoE-Dropout, smoe_lm, ...)
+DEFAULT_ARCHS = ("dense_lm", "switch_lm", "gshard_lm", "base_lm", "hash_lm", "sam_lm", "hyper_lm")
+
+
+def demo_archs(text: str, registered, dense: str = DENSE) -> List[str]:
+    """``--archs``: 'default' -> DEFAULT_ARCHS, 'all' -> dense + every registered arch, else the
+    comma-separated list, each checked (ValueError naming --archs and what is allowed)."""
+    if text == "default":
+        return list(DEFAULT_ARCHS)
+    if text == "all":
+        return [dense] + sorted(registered)
+    archs = [a for a in text.split(",") if a]
+    known = {dense, "transformer_lm", *registered}
+    bad = [a for a in archs if a not in known]
+    if bad or not archs:
+        raise ValueError(f"--archs: {text!r} is not allowed; allowed: default, all, or a comma-separated subset of "
+                         f"{', '.join(sorted(known))}")
+    return archs
+
+
+#: % of token slots dropped at the end of training above which a row is marked (issue: "nobody would accept")
+DROP_LIMIT = 5.0
+
+
+def _mean(v) -> Optional[float]:
+    """The mean of an Estimate (moe_plugin.tools.stats: a float subclass), a plain number, or None."""
+    if v is None:
+        return None
+    return float(v)
+
+
+def dropped_cell(v) -> str:
+    """The % dropped cell: mean ± spread, marked when the mean is above DROP_LIMIT."""
+    m = _mean(v)
+    return _fmt(v, ".2f") + (f" **(>{DROP_LIMIT:g}%)**" if m is not None and m > DROP_LIMIT else "")
+
+
 def render(rows: List[dict], truth: dict, unigram_nats: Optional[float], args, seconds: Optional[float],
            plot: Optional[str] = None, heatmap: Optional[str] = None) -> str:
     from moe_plugin.tools.flops import EQUAL_COMPUTE_TOLERANCE, human
@@ -395,7 +451,7 @@ def render(rows: List[dict], truth: dict, unigram_nats: Optional[float], args, s
             "-" if r["total_params"] is None else f"{r['total_params']:,}",
             "-" if r["active_params"] is None else f"{r['active_params']:,}",
             "-" if r["flops_eval"] is None else human(r["flops_eval"]), ratio,
-            _fmt(r["wps"], ".0f"), _fmt(r["load_max_end"], ".3f"), _fmt(r["dropped_end"], ".2f"),
+            _fmt(r["wps"], ".0f"), _fmt(r["load_max_end"], ".3f"), dropped_cell(r["dropped_end"]),
             _fmt(r["nmi_domain"], ".3f"), _fmt(r["seconds"], ".0f"),
         ]
         if not r["seeds"]:
@@ -418,6 +474,13 @@ def render(rows: List[dict], truth: dict, unigram_nats: Optional[float], args, s
         "Train words/s: the median of the logged intervals after the first. Load max/mean (the MoE layers' mean) "
         f"and % of token slots dropped: the last logged training interval ({end_txt}), not the average "
         "from update 1.",
+        *([f"% dropped marked **(>{DROP_LIMIT:g}%)**: more than {DROP_LIMIT:g}% of the token slots exceed their "
+           "expert's capacity at the end of training at the arch's default capacity factor (--moe-capacity-factor: "
+           "1.25 for Switch and SAM, as in the Switch paper; 1.0 of two slots per token for GShard top-2): those "
+           "tokens skip the MoE layer through the residual, a cost the row's quality includes. The router's load "
+           "is max/mean above the factor in part of the batches; the demo keeps the default, "
+           "`fairseq-train --moe-capacity-factor 2` (or `inf`, no dropping) can."]
+          if any(_mean(r["dropped_end"]) is not None and _mean(r["dropped_end"]) > DROP_LIMIT for r in rows) else []),
         "NMI(expert; domain): I(first expert; domain) / H(first expert) of the test tokens routed by the final "
         "checkpoint in evaluation mode, each token in its document's domain (test.domains), the MoE layers' "
         "mean (moe_plugin.tools.analysis): 1 = the expert is a function of the domain, 0 = independent of it.",
@@ -565,17 +628,20 @@ def main(argv=None):
     quiet_imports()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=os.path.join(ROOT, "results", "demo"))
-    p.add_argument("--preset", default="calibrated", choices=("calibrated", "context", "control", "none"),
+    p.add_argument("--preset", default="context", choices=("calibrated", "context", "control", "none"),
                    help="the synthetic corpus (data-prep/synthetic.py --preset; docs/synthetic.md): calibrated "
                    "(32 domains of their own words), context (32 domains sharing their words: the next word "
                    "depends on the domain read from the context), control (2 domains: capacity is not the "
                    "bottleneck) or none (the script's defaults)")
     p.add_argument("--data", default=None, help="corpus directory (default: data/synthetic-<preset>); "
                    "generated and binarised when DIR/data-bin is missing")
-    p.add_argument("--archs", default="all", help="comma-separated subset, default: dense_lm + every registered arch")
+    p.add_argument("--archs", default="default", help="comma-separated archs; 'default': " + ",".join(DEFAULT_ARCHS)
+                   + " (the dense baseline, the two classic baselines and the four papers' archs: what fits "
+                   "15 minutes on 2 cores); 'all': dense_lm + every registered arch (also smoe_lm, "
+                   "smoe_dropout_lm and later routers)")
     p.add_argument("--seeds", default="1,2", help="training seeds, comma-separated (each a run of its own)")
     p.add_argument("--data-seed", type=int, default=1, help="the synthetic corpus' seed (the same for every run)")
-    p.add_argument("--max-update", type=int, default=200)
+    p.add_argument("--max-update", type=int, default=270)
     p.add_argument("--valid-every", type=int, default=0, help="validate every N updates (0: max-update / 4)")
     p.add_argument("--train-tokens", type=int, default=None, help="training tokens of the corpus (default: the preset's)")
     p.add_argument("--embed-dim", type=int, default=128)
@@ -583,8 +649,12 @@ def main(argv=None):
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--tokens-per-sample", type=int, default=128)
-    p.add_argument("--max-tokens", type=int, default=4096)
+    p.add_argument("--max-tokens", type=int, default=2048)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                   help="runs trained at a time, each with OMP_NUM_THREADS / jobs threads (default: 2 where "
+                   "there are 2 CPUs: two small runs of one thread each finish sooner than one after the "
+                   "other at two threads)")
     p.add_argument("--table-only", action="store_true",
                    help="render the table from the runs already in --out (no corpus, no training)")
     args = p.parse_args(argv)
@@ -594,6 +664,8 @@ def main(argv=None):
         seeds = parse_seeds(args.seeds)
     except ValueError as e:
         p.error(str(e))
+    if args.jobs < 1:
+        p.error(f"--jobs: {args.jobs} is not allowed; allowed: >= 1")
     if args.valid_every < 0:
         p.error(f"--valid-every: {args.valid_every} is not allowed; allowed: >= 0 (0: max-update / 4)")
     if args.table_only:
@@ -620,7 +692,10 @@ def main(argv=None):
     check_corpus(truth, args)
 
     # 2. FLOPs and parameters ------------------------------------------------------------
-    archs = [DENSE_ARCH] + sorted(ARCHS) if args.archs == "all" else args.archs.split(",")
+    try:
+        archs = demo_archs(args.archs, ARCHS, DENSE_ARCH)
+    except ValueError as e:
+        p.error(str(e))
     for old in glob.glob(os.path.join(args.out, "seed*")):  # runs of an earlier demo would join the table
         shutil.rmtree(old, ignore_errors=True)
     with open(os.path.join(args.out, "demo_config.json"), "w") as f:
@@ -628,19 +703,29 @@ def main(argv=None):
     with open(os.path.join(args.out, "flops.json"), "w") as f:
         json.dump(count_flops(args, archs, data_bin, seeds[0]), f, indent=2)
 
-    # 3. train + 4. evaluate, every seed ---------------------------------------------------
-    failed = []
-    for arch in archs:
-        t0 = time.time()
-        for seed in seeds:
-            try:
-                run_seed(arch, seed, args, py, data_bin, os.path.join(args.out, f"seed{seed}", arch))
-            except Exception as e:  # keep going: one broken run should not hide the others
-                print(f"[demo] {arch} seed {seed}: FAILED ({e})", flush=True)
-                failed.append(f"{arch}/seed{seed}")
-        summary = _arch_summary(args, arch, truth)
-        print(f"[demo] {arch}: {summary} (true source {truth['test']['perplexity']:.2f}) "
-              f"[{time.time() - t0:.0f}s]", flush=True)
+    # 3. train + 4. evaluate, every seed (``--jobs`` runs at a time) ---------------------------
+    jobs = [(arch, seed) for arch in archs for seed in seeds]
+    threads = job_threads(args.jobs) if args.jobs > 1 else None
+    if args.jobs > 1:
+        print(f"[demo] {len(jobs)} runs, {args.jobs} at a time, {threads} thread(s) each", flush=True)
+    failed, left = [], {arch: len(seeds) for arch in archs}
+    t_arch = {arch: None for arch in archs}
+
+    def one(job):
+        arch, seed = job
+        t_arch[arch] = t_arch[arch] or time.time()
+        try:
+            run_seed(arch, seed, args, py, data_bin, os.path.join(args.out, f"seed{seed}", arch), threads)
+        except Exception as e:  # keep going: one broken run should not hide the others
+            print(f"[demo] {arch} seed {seed}: FAILED ({e})", flush=True)
+            failed.append(f"{arch}/seed{seed}")
+        left[arch] -= 1
+        if not left[arch]:
+            print(f"[demo] {arch}: {_arch_summary(args, arch, truth)} (true source "
+                  f"{truth['test']['perplexity']:.2f}) [{time.time() - t_arch[arch]:.0f}s]", flush=True)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
+        list(pool.map(one, jobs))
 
     # 5. report ---------------------------------------------------------------------------
     write_table(args, order=archs, seconds=time.time() - t_start)

@@ -191,7 +191,7 @@ def test_a_corpus_of_another_preset_is_refused(tmp_path):
     proc = subprocess.run([sys.executable, DEMO, "--data", str(data), "--out", str(tmp_path / "out")], cwd=ROOT,
                           capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode != 0
-    assert "generated with preset 'control', seed 1; asked for --preset calibrated, --data-seed 1" in proc.stderr
+    assert "generated with preset 'control', seed 1; asked for --preset context, --data-seed 1" in proc.stderr
 
 
 def test_bad_seeds_are_refused():

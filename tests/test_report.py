@@ -64,7 +64,10 @@ def test_eval_log(tmp_path):
     p = tmp_path / "eval_test.log"
     p.write_text("blah\n2026 | INFO | fairseq_cli.eval_lm | Evaluated 3,025 tokens in 0.2s (13.2 tokens/s)\n"
                  "2026 | INFO | fairseq_cli.eval_lm | Loss (base 2): 6.9439, Perplexity: 123.12\n")
-    assert report.parse_eval_log(str(p)) == {"loss_bits": 6.9439, "ppl": 123.12}
+    v = report.parse_eval_log(str(p))
+    assert (v["loss_bits"], v["ppl_printed"]) == (6.9439, 123.12)
+    # the perplexity from the 4-decimal loss, consistent with fairseq's 2-decimal rounding of it
+    assert v["ppl"] == pytest.approx(2 ** 6.9439) and abs(v["ppl"] - 123.12) <= 0.005
     (tmp_path / "empty.log").write_text("Traceback ...\n")
     assert report.parse_eval_log(str(tmp_path / "empty.log")) is None
 

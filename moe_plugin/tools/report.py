@@ -183,7 +183,10 @@ def parse_train_log(path: str) -> Dict[str, object]:
 
 
 def parse_eval_log(path: str) -> Optional[Dict[str, float]]:
-    """{'loss_bits', 'ppl'} from fairseq-eval-lm's output, or None if it has no result."""
+    """{'loss_bits', 'ppl', 'ppl_printed'} from fairseq-eval-lm's output, or None if it has no
+    result. fairseq prints the perplexity with 2 decimals and the loss with 4, so ``ppl`` is
+    2 ** loss_bits (e.g. two seeds printed 4.14 and 4.14 are 4.1408 and 4.1417), the printed
+    figure beside it."""
     try:
         with open(path, errors="replace") as f:
             text = f.read()
@@ -192,7 +195,8 @@ def parse_eval_log(path: str) -> Optional[Dict[str, float]]:
     m = _EVAL.findall(text)
     if not m:
         return None
-    return {"loss_bits": float(m[-1][0]), "ppl": float(m[-1][1])}
+    bits = float(m[-1][0])
+    return {"loss_bits": bits, "ppl": 2.0 ** bits, "ppl_printed": float(m[-1][1])}
 
 
 # ----------------------------------------------------------------------------------------
