@@ -33,7 +33,7 @@ $(STAMP): setup.py
 	$(PIP) install --quiet --no-build-isolation --no-deps -e .
 	@touch $(STAMP)
 
-# The main job: corpus -> fairseq-preprocess -> train every arch -> fairseq-eval-lm -> results/demo/results.md
+# The main job: corpus -> fairseq-preprocess -> train dense_lm and six MoE archs over 2 seeds -> fairseq-eval-lm -> results/demo/results.md
 demo: install
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) scripts/demo.py $(DEMO_ARGS)
 

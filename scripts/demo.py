@@ -19,8 +19,9 @@ on a synthetic corpus with a known answer, over seeds, at measured active comput
    activates K experts gets experts of hidden size F/K. Fixed number of updates on CPU,
    once per seed of ``--seeds`` (default 1,2; the corpus is the same for every seed:
    ``--data-seed``), ``--jobs`` runs at a time (default 2 on 2 CPUs, one thread each),
-   validating on the whole valid set every ``--valid-every`` updates (default: 4 times; the
-   curve of the plot; the table's quality figure is test's).
+   validating on the first ``--valid-batches`` batches of valid (default 10, about 20k
+   tokens; 0: all of it) every ``--valid-every`` updates (default: 4 times): the curve of the
+   plot; the table's quality figure is test's, all of it.
 4. Evaluates each checkpoint with fairseq-eval-lm on test, and routes test through each MoE
    checkpoint to relate its experts to the documents' domains (domains.json).
 5. Prints and writes results/demo/results.md (and results.json, plots/valid_ppl.png,
@@ -146,6 +147,7 @@ def train_flags(args, arch: str, seed: int, save_dir: str) -> List[str]:
         # the last logged interval is the last tenth of training: the end-of-training load
         "--log-interval", str(max(args.max_update // 10, 1)),
         "--validate-interval-updates", str(valid_every(args)),
+        *(["--max-valid-steps", str(args.valid_batches)] if args.valid_batches > 0 else []),
         "--no-epoch-checkpoints", "--no-save-optimizer-state", "--save-dir", save_dir,
     ]
     if arch in ARCHS:
@@ -492,8 +494,10 @@ def render(rows: List[dict], truth: dict, unigram_nats: Optional[float], args, s
                   "ranked MoE arch at its first seed.", ""]
     if plot:
         lines += [f"![valid perplexity against updates]({os.path.relpath(plot, args.out)})", "",
-                  "Valid perplexity of the training's validations (no context window, so above what "
-                  "fairseq-eval-lm gives); the dashed line: the true source's.", ""]
+                  "Valid perplexity of the training's validations ("
+                  + (f"the first {args.valid_batches} batches of valid, " if getattr(args, "valid_batches", 0) else "")
+                  + "no context window, so above what fairseq-eval-lm gives); the dashed line: the true source's.",
+                  ""]
     return "\n".join(lines)
 
 
@@ -641,8 +645,11 @@ def main(argv=None):
                    "smoe_dropout_lm and later routers)")
     p.add_argument("--seeds", default="1,2", help="training seeds, comma-separated (each a run of its own)")
     p.add_argument("--data-seed", type=int, default=1, help="the synthetic corpus' seed (the same for every run)")
-    p.add_argument("--max-update", type=int, default=270)
+    p.add_argument("--max-update", type=int, default=300)
     p.add_argument("--valid-every", type=int, default=0, help="validate every N updates (0: max-update / 4)")
+    p.add_argument("--valid-batches", type=int, default=10,
+                   help="batches of valid per validation (fairseq's --max-valid-steps; 0: the whole valid set): "
+                   "the plot's curve; the table's figures are on the whole test set")
     p.add_argument("--train-tokens", type=int, default=None, help="training tokens of the corpus (default: the preset's)")
     p.add_argument("--embed-dim", type=int, default=128)
     p.add_argument("--ffn-dim", type=int, default=512)
@@ -666,6 +673,8 @@ def main(argv=None):
         p.error(str(e))
     if args.jobs < 1:
         p.error(f"--jobs: {args.jobs} is not allowed; allowed: >= 1")
+    if args.valid_batches < 0:
+        p.error(f"--valid-batches: {args.valid_batches} is not allowed; allowed: >= 0 (0: the whole valid set)")
     if args.valid_every < 0:
         p.error(f"--valid-every: {args.valid_every} is not allowed; allowed: >= 0 (0: max-update / 4)")
     if args.table_only:

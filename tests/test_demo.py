@@ -199,3 +199,37 @@ def test_bad_seeds_are_refused():
                           text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 2
     assert "--seeds: '1,1' is not allowed; allowed: comma-separated distinct integers" in proc.stderr
+
+
+def _demo_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo_script", DEMO)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_default_archs_are_registered_and_bad_archs_are_refused():
+    from moe_plugin.models.archs import ARCHS, DENSE_ARCH
+
+    demo = _demo_module()
+    default = demo.demo_archs("default", ARCHS, DENSE_ARCH)
+    assert default[0] == DENSE_ARCH and set(default[1:]) <= set(ARCHS)
+    # the two classic baselines and one arch per paper
+    assert {"switch_lm", "gshard_lm", "base_lm", "hash_lm", "sam_lm", "hyper_lm"} <= set(default)
+    assert demo.demo_archs("all", ARCHS, DENSE_ARCH) == [DENSE_ARCH] + sorted(ARCHS)
+    assert demo.demo_archs("dense_lm,switch_lm", ARCHS, DENSE_ARCH) == ["dense_lm", "switch_lm"]
+    with pytest.raises(ValueError, match=r"--archs: 'dense_lm,nope_lm' is not allowed; allowed: default, all"):
+        demo.demo_archs("dense_lm,nope_lm", ARCHS, DENSE_ARCH)
+
+
+def test_rows_dropping_more_than_five_percent_are_marked(table):
+    from moe_plugin.tools.stats import Estimate
+
+    demo = _demo_module()
+    assert "(>5%)" in demo.dropped_cell(Estimate([5.2, 5.4], [1, 2]))
+    assert "(>5%)" not in demo.dropped_cell(Estimate([4.9, 5.0], [1, 2]))
+    assert demo.dropped_cell(None) == "-"
+    # the fixture's end-of-training drops average 3.5%: no mark and no note
+    assert "(>5%)" not in table["md"]

@@ -152,6 +152,23 @@ def test_paired_claim_compares_matching_settings_only():
         Claim("x", a=("a",), b=())
 
 
+def test_a_claim_at_a_setting_is_not_judged_on_runs_off_it():
+    a = seeds_of("sam_k2", "SAM K=2", [8.0, 8.1])
+    b = seeds_of("switch", "Switch", [12.0, 12.1])  # a clear win, but only at unequal compute
+    claim = Claim("SAM beats Switch at equal compute", a="sam_k2", b="switch", requires=(("equal_compute", True),))
+    for r in a + b:
+        r["meta"] = {"equal_compute": False}
+    verdict, lines = claim.judge(a + b)
+    assert verdict == INCONCLUSIVE
+    assert lines == ["not judged: the claim needs equal_compute=True; SAM K=2 has equal_compute=False; "
+                     "Switch has equal_compute=False"]
+    for r in a + b:
+        r["meta"] = {"equal_compute": True}
+    assert claim.judge(a + b)[0] == HOLDS
+    b[0]["meta"] = {}  # a run without the key is off the setting too
+    assert claim.judge(a + b)[0] == INCONCLUSIVE
+
+
 def test_claim_on_a_higher_is_better_metric_and_on_valid():
     runs = seeds_of("fast", "F", [10.0, 10.0]) + seeds_of("slow", "S", [10.0, 10.0])
     for r in runs[2:]:
@@ -213,7 +230,7 @@ def _write_seed_run(out, seed, name, label, meta, test_ppl, valid_ppl):
                 f"2026-01-01 10:00:12 | INFO | valid | epoch 001 | valid on 'valid' subset | loss {nll} | nll_loss "
                 f"{nll} | ppl {valid_ppl} | num_updates 10\n")
     with open(os.path.join(d, "eval_test.log"), "w") as f:
-        f.write(f"x | Loss (base 2): {math.log2(test_ppl):.4f}, Perplexity: {test_ppl}\n")
+        f.write(f"x | Loss (base 2): {math.log2(test_ppl):.10f}, Perplexity: {test_ppl}\n")
     with open(os.path.join(d, "run.json"), "w") as f:
         json.dump(dict(script="sam_k_quality", scale="tiny", name=name, label=label, arch="sam_lm", group="main",
                        dataset="synthetic", unit="ppl", meta=meta, seed=seed, seeds=[1, 2, 3], status="trained",
@@ -226,7 +243,8 @@ def test_report_groups_seeds_and_ends_the_table_with_verdicts(tmp_path):
     for name, ppls in tests.items():
         k = 1 if name == "switch" else int(name[-1])
         for seed, ppl in zip((1, 2, 3), ppls):
-            _write_seed_run(out, seed, name, name, {"kind": "sam", "K": k, "groups": 2}, ppl, ppl + 1.0)
+            _write_seed_run(out, seed, name, name, {"kind": "sam", "K": k, "groups": 2, "equal_compute": True}, ppl,
+                            ppl + 1.0)
     md = report.build_report(report.find_run_dirs([out]), out)
     lines = md.splitlines()
     row = next(x for x in lines if x.startswith("| sam_k2 |"))
@@ -258,7 +276,7 @@ def test_unseeded_run_directories_stay_rows_of_their_own(tmp_path):
     json.dump(meta, open(os.path.join(src, "run.json"), "w"))
     runs = report.group_seeds([report.load_run(src)])
     assert runs[0]["dir"] == src and "seeds" not in runs[0]
-    assert report.metric_value(runs[0], "eval", "test") == 20.0 and type(report.metric_value(runs[0])) is float
+    assert report.metric_value(runs[0], "eval", "test") == pytest.approx(20.0, abs=1e-6) and type(report.metric_value(runs[0])) is float
 
 
 # ----------------------------------------------------------------------------------------

@@ -293,8 +293,13 @@ class Claim:
     better: str = "lower"
     paired: bool = False
     spec: str = ".3f"
+    #: (meta key, value) pairs every named run must carry (run.json "meta") for the claim to be
+    #: judged, e.g. (("equal_compute", True),): a claim made at equal compute is not judged on runs
+    #: that are not (inconclusive, saying which run and why) instead of silently compared
+    requires: Tuple[Tuple[str, object], ...] = ()
 
     def __post_init__(self):
+        object.__setattr__(self, "requires", tuple(tuple(kv) for kv in self.requires))
         for side in ("a", "b"):
             v = getattr(self, side)
             v = (v,) if isinstance(v, str) else tuple(v)
@@ -318,6 +323,11 @@ class Claim:
         """(verdict, one line per comparison with its numbers) on the report's runs."""
         unit = "" if self.metric == "wps" else ("BPC" if any(r.get("unit") == "bpc" for n in self.runs
                                                                for r in _seed_runs(runs, n)) else "ppl")
+        off = [f"{_label(runs, n)} has {k}={r.get('meta', {}).get(k)!r}" for n in self.runs for k, want in self.requires
+               for r in _seed_runs(runs, n)[:1] if r.get("meta", {}).get(k) != want]
+        if off:
+            need = ", ".join(f"{k}={want!r}" for k, want in self.requires)
+            return INCONCLUSIVE, [f"not judged: the claim needs {need}; " + "; ".join(off)]
         out, lines = [], []
         for x, y in self.pairs():
             ea, eb = estimate_of(runs, x, self.metric), estimate_of(runs, y, self.metric)
