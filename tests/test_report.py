@@ -96,6 +96,28 @@ def test_run_summary_figures(tmp_path):
     assert report.metric_value(run) == 6.5 and report.metric_value(run, "eval", "test") == 6.0
 
 
+def test_summary_prints_flops_and_params_and_marks_unequal_compute(tmp_path):
+    def flops(d, f, params):
+        with open(os.path.join(d, "flops.json"), "w") as fh:
+            json.dump({"active_flops_per_token": {"train": f, "eval": f}, "total_params": params,
+                       "active_params": {"train": 1, "eval": 1}}, fh)
+
+    meta = dict(script="x", dataset="syn", status="trained")
+    a = make_run(tmp_path, "a", DEFAULT, meta=dict(meta, name="a"), evals={"test": (6.0, 64.0)})
+    b = make_run(tmp_path, "b", DEFAULT, meta=dict(meta, name="b"), evals={"test": (6.0, 64.0)})
+    c = make_run(tmp_path, "c", DEFAULT, meta=dict(meta, name="c"), evals={"test": (6.0, 64.0)})
+    make_run(tmp_path, "d", DEFAULT, meta=dict(meta, name="d"), evals={"test": (6.0, 64.0)})  # no flops.json
+    flops(a, 2.0e6, 1000)
+    flops(b, 2.03e6, 5000)  # 1.5% more: equal compute
+    flops(c, 2.2e6, 7000)   # 10% more: marked
+    rows = {line.split("|")[1].strip(): [x.strip() for x in line.strip("|").split("|")]
+            for line in report.summary_table([report.load_run(str(tmp_path / n)) for n in "abcd"])[2:]}
+    assert rows["a"][-3:] == ["1,000", "2.000M", "1.000x"]
+    assert rows["b"][-3:] == ["5,000", "2.030M", "1.015x"]
+    assert rows["c"][-3:] == ["7,000", "2.200M", "1.100x **(>2% off)**"]
+    assert rows["d"][-3:] == ["-", "-", "-"]
+
+
 def test_value_at_wall_interpolates_linearly():
     run = {"unit": "ppl", "valid_curve": [(10, 100.0, 7.0, 80.0), (20, 200.0, 6.0, 40.0)]}
     assert report.value_at_wall(run, 150.0) == pytest.approx(60.0)

@@ -242,7 +242,16 @@ def test_tiny_run_through_runner_and_report(tiny_run):
     md = open(os.path.join(tiny_run.out, "report.md")).read()
     row = next(line for line in md.splitlines() if line.startswith("| Hash (random) | 4 |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert float(cells[2]) == pytest.approx(last_ppl) and float(cells[3]) == pytest.approx(test_ppl)
+    # test: 2 ** eval-lm's 4-decimal loss, which its 2-decimal perplexity rounds
+    assert float(cells[2]) == pytest.approx(last_ppl) and float(cells[3]) == pytest.approx(test_ppl, abs=0.005)
+    # flops.json, counted by the runner from the run's training flags: the parameters of the
+    # model fairseq loads from the run's checkpoint
+    from fairseq import checkpoint_utils
+
+    fl = json.load(open(os.path.join(rd, "flops.json")))
+    models, _ = checkpoint_utils.load_model_ensemble([os.path.join(rd, "checkpoints", "checkpoint_last.pt")])
+    assert fl["total_params"] == sum(p.numel() for p in models[0].parameters())
+    assert fl["active_flops_per_token"]["eval"] > 0 and run["flops"] == fl
     assert cells[5] == "23.27"  # the paper's random-hash figure beside ours
     for png in ("valid_vs_updates_hash_ablation_ablation.png", "valid_vs_wall_hash_ablation_ablation.png",
                 "load_hash_random.png"):
@@ -266,7 +275,9 @@ def test_tiny_seeds_through_runner_and_report(tmp_path_factory, tiny_corpus):
         assert meta["status"] == "trained" and meta["seed"] == seed and meta["seeds"] == [1, 2]
         log = open(os.path.join(rd, "train.log")).read()
         assert f"--seed {seed} " in log.splitlines()[0]
-        tests.append(float(re.findall(r"Perplexity: ([\d.]+)", open(os.path.join(rd, "eval_test.log")).read())[-1]))
+        # eval-lm's 4-decimal base-2 loss (its perplexity is printed with 2 decimals only)
+        bits = float(re.findall(r"Loss \(base 2\): ([\d.]+)", open(os.path.join(rd, "eval_test.log")).read())[-1])
+        tests.append(2 ** bits)
     assert tests[0] != tests[1]  # the seeds differ
     md = open(os.path.join(out, "report.md")).read()
     row = next(line for line in md.splitlines() if line.startswith("| Hash (random) | 4 |"))

@@ -75,6 +75,38 @@ def write_run_json(plan: Plan, run: Run, status: str) -> None:
         json.dump(meta, f, indent=2, default=str)
 
 
+def write_flops(plan: Plan, run: Run) -> Optional[dict]:
+    """Count ``run``'s active FLOPs per token and its parameters (moe_plugin.tools.flops) on the
+    model built from its training flags, into RUN_DIR/flops.json, which the report's tables
+    print beside each row; None (said) when it cannot be counted. Paper-scale models are not
+    built here (CPU memory): ``python -m moe_plugin.tools.flops`` counts them on request."""
+    path = os.path.join(ROOT, plan.run_dir(run), "flops.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    if plan.scale == "paper":
+        return None
+    from moe_plugin.experiments._plan import train_args
+    from moe_plugin.tools import flops
+
+    try:
+        args = train_args(plan, run)
+        data = args[0] if os.path.isabs(args[0]) else os.path.join(ROOT, args[0])
+        with contextlib.redirect_stdout(io.StringIO()):
+            model, _ = flops.build_model(args[1:], data=data)
+        rep = flops.flops_per_token(model, int(plan.hp["tokens_per_sample"]),
+                                    tokens_per_batch=int(plan.hp["max_tokens"]), label=run.name)
+    except Exception as e:  # noqa: BLE001  (the tables say "-"; the run itself is unaffected)
+        print(f"[reproduce] {run.name}: FLOPs not counted ({e})", flush=True)
+        return None
+    out = {"active_flops_per_token": rep.active_flops_per_token, "total_params": rep.total_params,
+           "active_params": rep.active_params, "seq_len": rep.seq_len, "tokens_per_batch": rep.tokens_per_batch}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(out, f, indent=2)
+    return out
+
+
 def eval_done(log: str) -> bool:
     try:
         with open(log) as f:
@@ -128,6 +160,7 @@ def execute(plans: Union[Plan, Sequence[Plan]], steps: List[Step], force: bool =
             with open(absolute(step.creates), "w") as f:
                 f.write(shlex.join(step.cmd) + "\n")
             write_run_json(plan, plan.run_named(step.run), "trained")
+            write_flops(plan, plan.run_named(step.run))
     print(f"[reproduce] {plans[0].experiment} --scale {plans[0].scale}: done in {(time.time() - t_start) / 60:.1f} "
           f"min; report: {os.path.join(report_out, 'report.md')}", flush=True)
 

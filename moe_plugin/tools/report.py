@@ -255,6 +255,10 @@ def load_run(run_dir: str) -> dict:
             m = re.fullmatch(r"moe_l(\d+)_load_max", k)
             if m and "num_updates" in r:
                 run["load_series"].setdefault(int(m.group(1)), []).append((int(r["num_updates"]), float(v)))
+    run["flops"] = None  # the runner's flops.json: active FLOPs/token and parameters of the built model
+    if os.path.exists(os.path.join(run_dir, "flops.json")):
+        with open(os.path.join(run_dir, "flops.json")) as f:
+            run["flops"] = json.load(f)
     run["evals"] = {}
     evals = meta.get("evals") or [{"name": os.path.basename(p)[5:-4], "label": os.path.basename(p)[5:-4],
                                    "log": os.path.basename(p)} for p in sorted(glob.glob(os.path.join(run_dir,
@@ -416,7 +420,9 @@ def summary_table(runs: List[dict]) -> List[str]:
             if n not in eval_names:
                 eval_names.append(n)
     head = ["run", "arch", "data", "updates", "valid"] + [f"{n}" for n in eval_names] + [
-        "words/s", "load max/mean (valid)", "% dropped (train)", "train time"]
+        "words/s", "load max/mean (valid)", "% dropped (train)", "train time", "total params",
+        "FLOPs/token (eval)", "vs first row"]
+    first_flops = {}  # (script, dataset) -> the first counted row's active FLOPs/token in evaluation
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|" * (len(head) - 3)]
     for r in runs:
         if r["status"] == "not run":
@@ -432,8 +438,26 @@ def summary_table(runs: List[dict]) -> List[str]:
         last_train = r["log"]["train"][-1] if r["log"]["train"] else {}
         cells += [fmt(r["wps"], ".0f"), fmt(r["valid_final"].get("moe_load_max"), ".2f"),
                   fmt(last_train.get("moe_dropped"), ".2f"), fmt(r["wall"], ".0f", "-") + " s"]
+        cells += flops_cells(r.get("flops"), first_flops, (r["script"], r["dataset"]))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+#: relative difference of active FLOPs/token beyond which two rows are not at equal compute
+#: (moe_plugin.tools.flops.EQUAL_COMPUTE_TOLERANCE; not imported: that module imports torch)
+FLOPS_TOLERANCE = 0.02
+
+
+def flops_cells(fl: Optional[dict], first: Dict[tuple, float], key: tuple) -> List[str]:
+    """Total params, active FLOPs/token in evaluation and the ratio to the first counted row of
+    the same experiment and dataset (``first``, filled here), marked beyond FLOPS_TOLERANCE."""
+    if not fl:
+        return ["-", "-", "-"]
+    f = float(fl["active_flops_per_token"]["eval"])
+    base = first.setdefault(key, f)
+    ratio = f / base if base else float("nan")
+    mark = f" **(>{FLOPS_TOLERANCE:.0%} off)**" if abs(ratio - 1.0) > FLOPS_TOLERANCE else ""
+    return [f"{int(fl['total_params']):,}", f"{f / 1e6:.3f}M", f"{ratio:.3f}x{mark}"]
 
 
 # ----------------------------------------------------------------------------------------
@@ -609,7 +633,10 @@ def build_report(run_dirs: List[str], out: str, title: str = "") -> str:
     lines += ["## All runs", ""] + summary_table(runs) + [
         "", "valid: last validation of the train log; test columns: fairseq-eval-lm (per evaluation); "
         "BPC rows are bits per character. words/s: median over the train log's intervals. A run of several seeds: "
-        "mean ± sample standard deviation over its seeds (n = seeds with the figure).", ""]
+        "mean ± sample standard deviation over its seeds (n = seeds with the figure). Total params and active "
+        "forward FLOPs per token in evaluation: counted by the runner on the model built from the run's training "
+        "flags (moe_plugin.tools.flops; flops.json); vs first row: the ratio to the first counted row of the same "
+        f"experiment and data, marked when more than {FLOPS_TOLERANCE:.0%} off (not at equal compute).", ""]
     # curves per group
     groups = []
     for r in runs:
