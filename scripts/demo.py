@@ -62,6 +62,7 @@ import os
 import re
 import shutil
 import sys
+import threading
 import time
 import warnings
 from typing import Dict, List, Optional, Sequence
@@ -719,6 +720,7 @@ def main(argv=None):
         print(f"[demo] {len(jobs)} runs, {args.jobs} at a time, {threads} thread(s) each", flush=True)
     failed, left = [], {arch: len(seeds) for arch in archs}
     t_arch = {arch: None for arch in archs}
+    lock = threading.Lock()
 
     def one(job):
         arch, seed = job
@@ -728,8 +730,10 @@ def main(argv=None):
         except Exception as e:  # keep going: one broken run should not hide the others
             print(f"[demo] {arch} seed {seed}: FAILED ({e})", flush=True)
             failed.append(f"{arch}/seed{seed}")
-        left[arch] -= 1
-        if not left[arch]:
+        with lock:  # two runs of one arch may finish at once
+            left[arch] -= 1
+            last = not left[arch]
+        if last:
             print(f"[demo] {arch}: {_arch_summary(args, arch, truth)} (true source "
                   f"{truth['test']['perplexity']:.2f}) [{time.time() - t_arch[arch]:.0f}s]", flush=True)
 
