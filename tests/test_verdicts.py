@@ -165,6 +165,9 @@ def test_a_claim_at_a_setting_is_not_judged_on_runs_off_it():
     for r in a + b:
         r["meta"] = {"equal_compute": True}
     assert claim.judge(a + b)[0] == HOLDS
+    a[1]["meta"] = {"equal_compute": False}  # one seed off the setting is enough
+    assert claim.judge(a + b)[1] == ["not judged: the claim needs equal_compute=True; SAM K=2 has equal_compute=False"]
+    a[1]["meta"] = {"equal_compute": True}
     b[0]["meta"] = {}  # a run without the key is off the setting too
     assert claim.judge(a + b)[0] == INCONCLUSIVE
 

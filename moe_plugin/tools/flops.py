@@ -69,6 +69,8 @@ from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 import torch.nn as nn
 
 from moe_plugin.base_layer import BaseLayer
+# the equal-compute rule (torch-free module, shared with the reproductions' report); re-exported
+from moe_plugin.tools.stats import EQUAL_COMPUTE_TOLERANCE  # noqa: F401
 from moe_plugin.experts import BaseSublayerBank, ExpertBank, SegmentedExpertBank
 from moe_plugin.moe_layer import MoELayer
 from moe_plugin.routing._topk import TopKSoftmaxRouter
@@ -85,8 +87,6 @@ COMPONENTS = (
 MODES = ("train", "eval")
 #: ``attention`` values (module docstring)
 ATTENTION = ("full", "causal")
-#: the issue's rule: a row within 2% of the dense baseline's active FLOPs is at equal compute
-EQUAL_COMPUTE_TOLERANCE = 0.02
 
 
 @dataclasses.dataclass

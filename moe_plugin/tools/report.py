@@ -444,8 +444,7 @@ def summary_table(runs: List[dict]) -> List[str]:
 
 
 #: relative difference of active FLOPs/token beyond which two rows are not at equal compute
-#: (moe_plugin.tools.flops.EQUAL_COMPUTE_TOLERANCE; not imported: that module imports torch)
-FLOPS_TOLERANCE = 0.02
+FLOPS_TOLERANCE = stats.EQUAL_COMPUTE_TOLERANCE
 
 
 def flops_cells(fl: Optional[dict], first: Dict[tuple, float], key: tuple) -> List[str]:

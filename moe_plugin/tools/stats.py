@@ -277,6 +277,11 @@ def _combine(verdicts: Sequence[str]) -> str:
 # ----------------------------------------------------------------------------------------
 
 
+#: a row within 2% of the baseline's active FLOPs per token is at equal compute (the demo, the
+#: reproductions' report and moe_plugin.tools.flops all apply this one figure)
+EQUAL_COMPUTE_TOLERANCE = 0.02
+
+
 @dataclass(frozen=True)
 class Claim:
     """"Each run of ``a`` beats each run of ``b`` on ``metric``" (``paired``: a[i] beats b[i]
@@ -323,8 +328,10 @@ class Claim:
         """(verdict, one line per comparison with its numbers) on the report's runs."""
         unit = "" if self.metric == "wps" else ("BPC" if any(r.get("unit") == "bpc" for n in self.runs
                                                                for r in _seed_runs(runs, n)) else "ppl")
-        off = [f"{_label(runs, n)} has {k}={r.get('meta', {}).get(k)!r}" for n in self.runs for k, want in self.requires
-               for r in _seed_runs(runs, n)[:1] if r.get("meta", {}).get(k) != want]
+        # every seed of every named run (one line per run and value)
+        off = list(dict.fromkeys(f"{_label(runs, n)} has {k}={r.get('meta', {}).get(k)!r}" for n in self.runs
+                                 for k, want in self.requires for r in _seed_runs(runs, n)
+                                 if r.get("meta", {}).get(k) != want))
         if off:
             need = ", ".join(f"{k}={want!r}" for k, want in self.requires)
             return INCONCLUSIVE, [f"not judged: the claim needs {need}; " + "; ".join(off)]
