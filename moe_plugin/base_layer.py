@@ -76,6 +76,12 @@ class BaseLayer(nn.Module):
         super().__init__()
         if num_sublayers < 1:
             raise ValueError(f"--base-sublayers: {num_sublayers} is not allowed; allowed: >= 1")
+        shared = int(getattr(moe_cfg, "moe_shared_experts", 0) or 0)
+        if shared:  # the BASE block has no shared experts (docs/shared_experts.md)
+            raise ValueError(
+                f"--moe-shared-experts: {shared} is not allowed with BASE layers (--base-layers); allowed: 0 "
+                "(shared experts are built in the MoE FFN layers only, not in BASE's extra blocks)"
+            )
         cfg = dataclasses.replace(moe_cfg, moe_router="balanced", moe_top_k=1)
         ROUTER_REGISTRY["balanced"].validate(cfg)
         placement = resolve_placement(cfg, placement, group)

@@ -42,6 +42,21 @@ class MoECoreOptions:
     moe_expert_ffn_dim: int = field(
         default=0, metadata={"help": "hidden dim of each expert FFN; 0 = --decoder-ffn-embed-dim"}
     )
+    moe_shared_experts: int = field(
+        default=0,
+        metadata={
+            "help": "shared experts per MoE layer (DeepSeekMoE, Dai et al. 2024): N always-active expert FFNs "
+            "beside the routed ones, run on every non-padding token, their outputs added (weight 1) to the "
+            "routed experts' combined output; replicated on every worker; 0 = none"
+        },
+    )
+    moe_shared_expert_ffn_dim: int = field(
+        default=0,
+        metadata={
+            "help": "hidden dim of each shared expert FFN; 0 = the routed experts' (--moe-expert-ffn-dim, "
+            "else --decoder-ffn-embed-dim)"
+        },
+    )
     moe_capacity_factor: float = field(
         default=1.25,
         metadata={
@@ -189,7 +204,44 @@ def validate(cfg, num_layers: Optional[int] = None) -> None:
             raise ValueError(f"--{name.replace('_', '-')}: {v} is not allowed; it must be > 0 (or inf)")
     if cfg.moe_expert_ffn_dim < 0:
         raise ValueError(f"--moe-expert-ffn-dim: {cfg.moe_expert_ffn_dim} is not allowed; it must be >= 0")
+    shared = getattr(cfg, "moe_shared_experts", 0)
+    if shared < 0:
+        raise ValueError(f"--moe-shared-experts: {shared} is not allowed; it must be >= 0 (0 = no shared expert)")
+    shared_dim = getattr(cfg, "moe_shared_expert_ffn_dim", 0)
+    if shared_dim < 0:
+        raise ValueError(
+            f"--moe-shared-expert-ffn-dim: {shared_dim} is not allowed; it must be >= 0 (0 = the routed experts' dim)"
+        )
+    if shared_dim > 0 and shared == 0:
+        raise ValueError(
+            f"--moe-shared-expert-ffn-dim: {shared_dim} has no effect with --moe-shared-experts 0; allowed: 0, "
+            "or give --moe-shared-experts N >= 1"
+        )
     if num_layers is not None:
-        parse_moe_layers(cfg, num_layers)
+        moe_layers = parse_moe_layers(cfg, num_layers)
+        if shared > 0 and not moe_layers:
+            raise ValueError(
+                f"--moe-shared-experts: {shared} has no effect, no decoder layer has an MoE FFN "
+                "(--moe-freq 0 and no --moe-layers); allowed: 0, or MoE layers (--moe-freq / --moe-layers)"
+            )
     if not unrouted:
         ROUTER_REGISTRY[cfg.moe_router].validate(cfg)
+        _validate_balance_scope(cfg)
+
+
+def _validate_balance_scope(cfg) -> None:
+    """``--moe-balance-scope``: a value of the list, and ``global`` only where it changes a loss."""
+    scope = getattr(cfg, "moe_balance_scope", "micro")
+    from moe_plugin.routing._softmax import BALANCE_SCOPES
+
+    if scope not in BALANCE_SCOPES:
+        raise ValueError(f"--moe-balance-scope: {scope!r} is not allowed; allowed: {', '.join(BALANCE_SCOPES)}")
+    router = ROUTER_REGISTRY[cfg.moe_router]
+    if scope != "micro" and not router.balance_scope_supported(cfg):
+        allowed = sorted(n for n, r in ROUTER_REGISTRY.items() if r.balance_scope_supported(cfg))
+        raise ValueError(
+            f"--moe-balance-scope: {scope!r} is not allowed for the {cfg.moe_router} router, whose losses are not "
+            f"Switch's balance loss over first choices (it would change nothing, or SAM's group/expert losses, "
+            f"which have no global form here); allowed: micro, or global with the routers {', '.join(allowed)} "
+            "(hyper with --hyper-balance-loss)"
+        )

@@ -28,7 +28,9 @@ Variants (:data:`EXPERT_VARIANTS`, chosen by the router's declared ``expert_vari
 ``"ffn"`` :class:`ExpertBank` (one whole expert FFN per routed slot) and ``"segmented"``
 :class:`SegmentedExpertBank` (MultiHash: column i of the router's ids picks the expert of
 segment i of the hidden units). BASE's layer builds :class:`BaseSublayerBank` (residual
-pre-LayerNorm sublayers per expert) itself.
+pre-LayerNorm sublayers per expert) itself. Beside the routed bank, an MoE layer may hold
+:class:`SharedExpertBank` (``--moe-shared-experts``, DeepSeekMoE's always-active experts;
+not a router variant: every router's layer can have one).
 
 Initialisation and placement: a bank holds the ``num_experts`` experts with global ids
 ``first_expert .. first_expert + num_experts - 1`` (all E of a layer, or a rank's E/W in
@@ -450,6 +452,48 @@ def segmented_ffn(x_TD: torch.Tensor, ids_TN: torch.Tensor, experts: ExpertBank,
         y_RS = add_group_bias(y_RS, experts.b2_ED[:, ds], expert_R)
         y_parts.append(y_RS.new_zeros(T, sD).index_copy(0, token_R, y_RS))
     return torch.cat(y_parts, dim=1)
+
+
+class SharedExpertBank(ExpertBank):
+    """DeepSeekMoE's shared experts (Dai et al. 2024, arXiv 2401.06066, Sec. 3.2 "shared expert
+    isolation"): N expert FFNs that every token goes through, their outputs summed with weight 1,
+
+        y_t = sum_{i < N} fc2_i(dropout(act(fc1_i(x_t))))        (N = ``num_experts``, F_s = ``ffn_dim``)
+
+    Stored like an :class:`ExpertBank` of N experts (``w1_EDF`` with E = N, ...), each expert
+    initialised like a dense ``nn.Linear`` FFN of hidden F_s from its own generator (seed: the
+    caller's, :func:`moe_plugin.moe_layer.build_moe_layer` derives it from the layer's), so the
+    N experts are N separate FFNs as in the paper. Computed as **one** FFN of hidden N * F_s:
+    the N first-layer matrices side by side (D, N F_s), the N second-layer ones stacked
+    (N F_s, D) and the N output biases summed. That is the sum of the N FFNs exactly (the
+    hidden units of different experts never mix; only the floating-point order of the
+    second matmul's sum differs), and one dense matmul pair instead of N (DeepSeek's public
+    code builds its shared experts as one MLP of hidden ``n_shared_experts *
+    moe_intermediate_size`` too). No routing, no capacity: nothing is dropped.
+
+    ``forward(x_TD, valid_T)`` (not the routed bank's sorted-rows signature): rows where
+    ``valid_T`` is False (padding) get zero output, and so no gradient reaches the weights
+    from them; the rows are computed and masked (no host sync to count them).
+    """
+
+    variant = "shared"
+
+    def forward(self, x_TD: torch.Tensor, valid_T: Optional[torch.Tensor] = None) -> torch.Tensor:  # type: ignore[override]
+        """(T, D) -> (T, D): the sum of the N shared experts' outputs, zero where ``valid_T`` is False."""
+        N, D, F = self.num_experts, self.model_dim, self.ffn_dim
+        dt = x_TD.dtype
+        # the N experts' hidden units side by side: column block i of w1_DH is expert i's W1
+        w1_DH = self.w1_EDF.to(dt).permute(1, 0, 2).reshape(D, N * F)
+        b1_H = self.b1_EF.to(dt).reshape(N * F)
+        w2_HD = self.w2_EFD.to(dt).reshape(N * F, D)
+        b2_D = self.b2_ED.to(dt).sum(0)
+        h_TH = self.activation(torch.addmm(b1_H, x_TD, w1_DH))
+        p_drop = self.activation_dropout if self.training else 0.0
+        h_TH = F_.dropout(h_TH, p=p_drop, training=p_drop > 0)
+        y_TD = torch.addmm(b2_D, h_TH, w2_HD)
+        if valid_T is not None:
+            y_TD = torch.where(valid_T.unsqueeze(1), y_TD, torch.zeros((), dtype=y_TD.dtype, device=y_TD.device))
+        return y_TD
 
 
 class BaseSublayerBank(nn.Module):

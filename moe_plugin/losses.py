@@ -28,18 +28,22 @@ def _mean_over(values_T: torch.Tensor, valid_T: torch.Tensor) -> torch.Tensor:
     return (values_T * w_T).sum() / w_T.sum().clamp(min=1.0)
 
 
-def switch_balance_loss(probs_TE: torch.Tensor, top1_T: torch.Tensor, valid_T: torch.Tensor) -> torch.Tensor:
+def switch_balance_loss(
+    probs_TE: torch.Tensor, top1_T: torch.Tensor, valid_T: torch.Tensor, f_E: "torch.Tensor | None" = None
+) -> torch.Tensor:
     """Switch Transformer load-balancing loss ``E * sum_e f_e * P_e`` (Fedus, Zoph, Shazeer
     2021, "Switch Transformers", eqs. 4-6).
 
     f_e: fraction of valid tokens whose first choice (``top1_T``, before capacity dropping)
-    is e, no gradient; P_e: mean router probability of e over valid tokens. Equals 1.0 for
-    uniform routing.
+    is e, no gradient (or the given ``f_E``: the global batch's, ``--moe-balance-scope``);
+    P_e: mean router probability of e over valid tokens. Equals 1.0 for uniform routing.
     """
     E = probs_TE.shape[-1]
     w_T = valid_T.to(probs_TE.dtype)
     n = w_T.sum().clamp(min=1.0)
-    f_E = torch.zeros(E, dtype=probs_TE.dtype, device=probs_TE.device).index_add_(0, top1_T, w_T) / n
+    if f_E is None:
+        f_E = torch.zeros(E, dtype=probs_TE.dtype, device=probs_TE.device).index_add_(0, top1_T, w_T) / n
+    f_E = f_E.to(probs_TE.dtype)
     P_E = (probs_TE * w_T.unsqueeze(-1)).sum(0) / n
     return E * (f_E.detach() * P_E).sum()
 

@@ -16,6 +16,18 @@ allocates and which dispatcher moves the tokens. No layer is rebuilt or sliced l
 The routers' ``expert_norm`` (``--hash-expert-norm``): ``y = LN(x + experts(x))`` with one
 LayerNorm shared by the layer's experts (ParlAI's ``HashLayerFFN``), zero for tokens with
 no expert; the decoder layer's own residual and LayerNorm then follow as usual.
+
+Shared experts (``--moe-shared-experts N``; DeepSeekMoE, Dai et al. 2024, arXiv 2401.06066,
+Sec. 3.2: ``h_t = sum_{shared i} FFN_i(u_t) + sum_{routed i} g_{i,t} FFN_i(u_t) + u_t``; public
+code read: DeepSeek's ``modeling_deepseek.py`` ``DeepseekMoE``, which adds one MLP of hidden
+``n_shared_experts * moe_intermediate_size`` to the routed output): N always-active
+expert FFNs (:class:`moe_plugin.experts.SharedExpertBank`, hidden ``--moe-shared-expert-ffn-dim``,
+default the routed experts') beside the routed ones, with any router. Every non-padding token
+goes through all N; their sum is added with weight 1 to the routed combine output (after the
+expert norm, which stays the routed experts' own), whether or not the router dropped the
+token's slots. They are ordinary parameters: replicated on every worker in expert-parallel mode
+(not marked ``param.expert``, so fairseq all-reduces their gradients like any shared weight),
+and outside ``moe_plugin.utils.param_counts``'s expert banks (always active).
 """
 
 from __future__ import annotations
@@ -28,7 +40,7 @@ import torch.nn as nn
 import torch.utils.checkpoint
 
 from moe_plugin.dispatch import ExpertPlacement, LocalDispatcher
-from moe_plugin.experts import SegmentedExpertBank, build_expert_bank, draw_seed, mix_seed
+from moe_plugin.experts import SegmentedExpertBank, SharedExpertBank, build_expert_bank, draw_seed, mix_seed
 from moe_plugin.routing import Router, TokenInfo, VocabInfo, build_router
 
 
@@ -53,9 +65,11 @@ class RoutingTape:
 
 class MoELayer(nn.Module):
     """router -> dispatch -> experts -> combine (module docstring); ``dispatcher`` defaults to
-    the local one (every expert here)."""
+    the local one (every expert here); ``shared_experts`` (a :class:`SharedExpertBank`, or None)
+    are added to every non-padding token's output."""
 
-    def __init__(self, router: Router, experts: nn.Module, dispatcher=None):
+    def __init__(self, router: Router, experts: nn.Module, dispatcher=None,
+                 shared_experts: Optional[SharedExpertBank] = None):
         super().__init__()
         self.router = router
         self.experts = experts
@@ -68,6 +82,9 @@ class MoELayer(nn.Module):
         self.last_stats: Dict[str, torch.Tensor] = {}
         # the tape of the checkpointed forward in progress (None: not checkpointed)
         self._tape: Optional[RoutingTape] = None
+        # --moe-shared-experts (module docstring): registered last, so the state_dict keys and
+        # parameter order of a layer without them are unchanged
+        self.shared_experts = shared_experts
 
     @property
     def num_experts(self) -> int:
@@ -98,7 +115,7 @@ class MoELayer(nn.Module):
             # already read that forward's aux losses and stats, so they are left alone
             with self.router.replaying(tape.router_state):
                 route = self.router(x_TD, tokens=tape.tokens)
-            return self.compute(x_TD, route).reshape(shape)
+            return self.compute(x_TD, route, tape.tokens).reshape(shape)
         if tokens is None and self.token_source is not None:
             tokens = self.token_source()
         if tokens is not None and tokens.ids_T.shape[0] != x_TD.shape[0]:
@@ -112,7 +129,7 @@ class MoELayer(nn.Module):
             tape.tokens = tokens
             tape.router_state = self.router.recompute_state(route)
             tape.recorded = True
-        y_TD = self.compute(x_TD, route)
+        y_TD = self.compute(x_TD, route, tokens)
         self.last_aux_losses = route.aux_losses
         stats = dict(route.stats)
         devices = getattr(self.router, "simulated_devices", None)
@@ -132,9 +149,10 @@ class MoELayer(nn.Module):
         self.last_stats = stats
         return y_TD.reshape(shape)
 
-    def compute(self, x_TD: torch.Tensor, route) -> torch.Tensor:
+    def compute(self, x_TD: torch.Tensor, route, tokens: Optional[TokenInfo] = None) -> torch.Tensor:
         """dispatch -> experts -> combine for one routing decision -> (T, D) (then the
-        expert norm, if any)."""
+        expert norm, if any), plus the shared experts on the rows ``tokens`` does not mark as
+        padding (every row without ``tokens``)."""
         if isinstance(self.experts, SegmentedExpertBank):
             # MultiHash: one one-slot dispatch per segment, inside the bank
             y_TD = self.experts.forward_segments(x_TD, route.expert_ids_TK, self.dispatcher)
@@ -145,6 +163,9 @@ class MoELayer(nn.Module):
         if self.expert_norm is not None:
             routed_T1 = route.expert_ids_TK[:, :1] >= 0
             y_TD = torch.where(routed_T1, self.expert_norm(x_TD + y_TD), torch.zeros_like(y_TD))
+        if self.shared_experts is not None:
+            valid_T = None if tokens is None else ~tokens.pad_mask_T
+            y_TD = y_TD + self.shared_experts(x_TD, valid_T)
         return y_TD
 
 
@@ -246,15 +267,32 @@ def build_moe_layer(
     """
     placement = resolve_placement(cfg, placement, group)
     router = build_router(cfg, model_dim, vocab=vocab, layer_index=layer_index)
+    seed = layer_seed(cfg, layer_index)
+    expert_dim = cfg.moe_expert_ffn_dim or ffn_dim
     experts = build_expert_bank(
         router.expert_variant,
         placement.per_rank,
         model_dim,
-        cfg.moe_expert_ffn_dim or ffn_dim,
+        expert_dim,
         activation=activation,
         activation_dropout=activation_dropout,
         first_expert=placement.first,
-        seed=layer_seed(cfg, layer_index),
+        seed=seed,
         num_segments=router.expert_segments,
     )
-    return MoELayer(router, experts, make_dispatcher(experts, placement, group))
+    shared = None
+    num_shared = int(getattr(cfg, "moe_shared_experts", 0) or 0)
+    if num_shared > 0:
+        # all N on every rank (replicated, not sharded); seeded from the layer's seed, so
+        # every rank and every world size builds the same values, and drawing nothing more
+        # from the global RNG
+        shared = SharedExpertBank(
+            num_shared,
+            model_dim,
+            int(getattr(cfg, "moe_shared_expert_ffn_dim", 0) or 0) or expert_dim,
+            activation=activation,
+            activation_dropout=activation_dropout,
+            seed=mix_seed("moe_plugin.shared_experts", seed),
+        )
+    # make_dispatcher marks only the routed bank's parameters param.expert
+    return MoELayer(router, experts, make_dispatcher(experts, placement, group), shared_experts=shared)

@@ -246,21 +246,31 @@ def e2e_suite(args, emit):
     elif args.dtype != "fp32":
         common.append("--" + args.dtype)
     archs = [DENSE_ARCH] + sorted(ARCHS) if args.archs == "all" else args.archs.split(",")
-    base_wps, rows = None, []
+    from moe_plugin.tools import flops
+
+    base_wps, base_flops, rows = None, None, []
     for arch in archs:
         extra = []
         if arch in ARCHS:
             k = int(ARCHS[arch][1].get("moe_top_k", 1))
             extra = ["--moe-expert-count", str(args.e2e_experts), "--moe-expert-ffn-dim", str(F // k),
                      *[a.format(max_update=args.e2e_updates) for a in DEMO_ARGS.get(arch, [])]]
-        proc = commands.run([sys.executable, "-m", "fairseq_cli.train", *common, "--arch", arch, *extra], check=False)
+        flags = [*common, "--arch", arch, *extra]
+        proc = commands.run([sys.executable, "-m", "fairseq_cli.train", *flags], check=False)
         m = re.findall(r"\| train \|.*?\| wps ([\d.]+)", proc.stdout)
         if proc.returncode != 0 or not m:
             emit({"suite": "e2e", "arch": arch, "error": proc.stdout[-400:]})
             continue
         wps = float(m[-1])
+        # the compute each row runs at, counted on the model built from the same flags
+        model, _ = flops.build_model(flags[1:], data=data_bin)  # flags[0]: the data directory
+        rep = flops.flops_per_token(model, 256, tokens_per_batch=8192, label=arch)
+        train_flops = rep.active_flops_per_token["train"]
         base_wps = base_wps or (wps if arch == DENSE_ARCH else None)
-        row = {"suite": "e2e", "arch": arch, "wps": wps, "ratio": wps / base_wps if base_wps else None}
+        base_flops = base_flops or (train_flops if arch == DENSE_ARCH else None)
+        row = {"suite": "e2e", "arch": arch, "wps": wps, "ratio": wps / base_wps if base_wps else None,
+               "train_flops_per_token": train_flops, "total_params": rep.total_params,
+               "flops_ratio": train_flops / base_flops if base_flops else None}
         emit(row)
         rows.append(row)
     return rows
@@ -285,19 +295,30 @@ def markdown(args, layer_rows, assign_rows, e2e_rows):
             out.append(f"| {name} | {k or '-'} | " + " | ".join(cells) + " |")
         out.append("")
     if e2e_rows:
-        out += ["### End to end: fairseq-train words/s over dense_lm (same shape, same active compute)", "",
-                "| arch | words/s | ratio |", "|---|---:|---:|"]
+        out += ["### End to end: fairseq-train words/s over dense_lm (same shape; active training FLOPs/token "
+                "counted on the built model, moe_plugin.tools.flops; a FLOPs ratio more than 2% off is marked)", "",
+                "| arch | words/s | ratio | active FLOPs/token (train) | vs dense FLOPs | total params |",
+                "|---|---:|---:|---:|---:|---:|"]
         for r in e2e_rows:
-            out.append(f"| {r['arch']} | {r['wps']:.0f} | {r['ratio']:.2f} |" if r["ratio"] else f"| {r['arch']} | {r['wps']:.0f} | - |")
+            ratio = f"{r['ratio']:.2f}" if r["ratio"] else "-"
+            fr = r.get("flops_ratio")
+            fcell = "-" if fr is None else f"{fr:.3f}x" + (" **(>2% off)**" if abs(fr - 1) > 0.02 else "")
+            fl = r.get("train_flops_per_token")
+            out.append(f"| {r['arch']} | {r['wps']:.0f} | {ratio} | {flops.human(fl) if fl else '-'} | {fcell} | "
+                       f"{r.get('total_params', 0):,} |")
         out.append("")
     if assign_rows:
-        out += ["### BASE's balanced assignment: CPU ms per call, ours vs fairseq.libbase (gap to the optimum, %)", "",
-                "| scores | T | E | libbase ms | ours ms | speed-up | libbase gap % | ours gap % |",
-                "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        out += ["### BASE's balanced assignment: CPU ms per call, ours vs fairseq.libbase (gap to the optimum, %); "
+                "S-BASE's Sinkhorn beside them (its loads are not exact: load max = fullest expert / (T/E))", "",
+                "| scores | T | E | libbase ms | ours ms | speed-up | libbase gap % | ours gap % | sinkhorn ms | "
+                "sinkhorn gap % | sinkhorn load max |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in assign_rows:
             lg = "-" if r["libbase_gap_pct"] is None else f"{r['libbase_gap_pct']:.4f}"
+            sk = ("- | - | -" if r.get("sinkhorn_ms") is None else
+                  f"{r['sinkhorn_ms']:.1f} | {r['sinkhorn_gap_pct']:.4f} | {r['sinkhorn_load_max']:.2f}")
             out.append(f"| {r['scores']} | {r['T']} | {r['E']} | {r['libbase_ms']:.1f} | {r['ours_ms']:.1f} | "
-                       f"{r['speedup']:.1f}x | {lg} | {r['ours_gap_pct']:.4f} |")
+                       f"{r['speedup']:.1f}x | {lg} | {r['ours_gap_pct']:.4f} | {sk} |")
         out.append("")
     return "\n".join(out)
 

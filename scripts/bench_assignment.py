@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark BASE's balanced assignment: moe_plugin's PyTorch solver vs fairseq's C++ libbase
-vs scipy's exact linear_sum_assignment.
+vs scipy's exact linear_sum_assignment, and S-BASE's approximate one (Sinkhorn, the
+``sinkhorn`` router of moe_plugin/routing/sinkhorn.py) beside them.
 
 For every T in --tokens and E in --experts (E | T) and every score distribution:
   * time: CPU time of one call (this thread; min over --repeat calls, libbase and ours
@@ -13,7 +14,14 @@ For every T in --tokens and E in --experts (E | T) and every score distribution:
     (eps 100x smaller). That bound is >= the optimum, so the gap printed is >= the true gap
     (marked "<=" in the table);
   * warm: our solver started from the prices of the previous "batch" (the same scores plus
-    small noise), the regime of training where the router keeps the last batch's prices.
+    small noise), the regime of training where the router keeps the last batch's prices;
+  * Sinkhorn (S-BASE's training assignment: argmax of the Sinkhorn-normalised exp(scores / tau),
+    at the router's defaults --sinkhorn-tol 1e-4, --sinkhorn-iterations 100, tau = 1, or the
+    values given here): CPU ms (min over --repeat), its value against the same reference (the
+    gap can be negative: its loads are not exactly T/E, and a greedy assignment over uneven loads
+    can score above the balanced optimum), the load of its fullest expert over T/E ("load
+    max"), the tokens over T/E at their experts, in % of T (what capacity factor 1.0 would
+    drop; "over cap"), and its iterations. The auction's loads are exactly T/E (load max 1.00).
 
 Score distributions: ``normal`` (i.i.d. N(0,1), the usual benchmark) and ``structured``
 (rank-8 scores plus a per-expert bias: popular and unpopular experts, as in a trained
@@ -34,6 +42,7 @@ import numpy as np
 import torch
 
 from moe_plugin.routing.balanced import solve_balanced
+from moe_plugin.routing.sinkhorn import sinkhorn
 
 
 def make_scores(kind, T, E, seed):
@@ -103,6 +112,9 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--scipy-max-tokens", type=int, default=4096)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sinkhorn-temperature", type=float, default=1.0)
+    ap.add_argument("--sinkhorn-tol", type=float, default=1e-4)
+    ap.add_argument("--sinkhorn-iterations", type=int, default=100)
     ap.add_argument("--out", default=None)
     ap.add_argument("--jsonl", action="store_true", help="also print each row as a JSON line (scripts/bench.py reads them)")
     args = ap.parse_args(argv)
@@ -116,10 +128,12 @@ def main(argv=None):
     lines = [
         f"Machine: {cpu_name()}, {os.cpu_count()} CPU cores visible, "
         f"torch {torch.__version__}, {args.threads} thread(s); time = CPU time of one call, "
-        f"min of {args.repeat}.",
+        f"min of {args.repeat}. Sinkhorn: tau {args.sinkhorn_temperature}, tol {args.sinkhorn_tol}, "
+        f"at most {args.sinkhorn_iterations} iterations.",
         "",
-        "| scores | T | E | libbase ms | ours ms | speed-up | ours warm ms | libbase gap % | ours gap % | reference |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| scores | T | E | libbase ms | ours ms | speed-up | ours warm ms | libbase gap % | ours gap % | "
+        "sinkhorn ms | sinkhorn gap % | sinkhorn load max | sinkhorn over cap % | sinkhorn iters | reference |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     print("\n".join(lines), flush=True)
     for kind in args.scores.split(","):
@@ -141,6 +155,12 @@ def main(argv=None):
                 nxt = a + 0.05 * make_scores("normal", T, E, args.seed + 1)
                 warm_ms, _ = cpu_ms(lambda: solve_balanced(nxt, prices_E=ours.prices_E), args.repeat)
                 got = total(a, ours.expert_T)
+                sk_kw = dict(tol=args.sinkhorn_tol, max_iterations=args.sinkhorn_iterations,
+                             temperature=args.sinkhorn_temperature)
+                sk_ms, sk = cpu_ms(lambda: sinkhorn(a, **sk_kw), args.repeat)
+                sk_load_E = torch.bincount(sk.expert_T, minlength=E)
+                sk_load_max = float(sk_load_E.max()) / (T // E)
+                sk_over_pct = 100.0 * float((sk_load_E - T // E).clamp(min=0).sum()) / T
                 if T <= args.scipy_max_tokens:
                     ref, ref_name, le = scipy_optimum(a), "scipy optimum", ""
                 else:
@@ -150,7 +170,8 @@ def main(argv=None):
                 lib_gap = f"{le}{gap(total(a, lib_T)):.4f}" if lib_T is not None else "-"
                 row = (
                     f"| {kind} | {T} | {E} | {lib_ms:.1f} | {ours_ms:.1f} | {lib_ms / ours_ms:.1f}x | {warm_ms:.1f} | "
-                    f"{lib_gap} | {le}{gap(got):.4f} | {ref_name} |"
+                    f"{lib_gap} | {le}{gap(got):.4f} | {sk_ms:.1f} | {le}{gap(total(a, sk.expert_T)):.4f} | "
+                    f"{sk_load_max:.2f} | {sk_over_pct:.2f} | {sk.iterations} | {ref_name} |"
                 )
                 lines.append(row)
                 print(row, flush=True)
@@ -160,6 +181,9 @@ def main(argv=None):
                         "speedup": lib_ms / ours_ms, "ours_warm_ms": warm_ms,
                         "libbase_gap_pct": gap(total(a, lib_T)) if lib_T is not None else None,
                         "ours_gap_pct": gap(got), "reference": ref_name,
+                        "sinkhorn_ms": sk_ms, "sinkhorn_gap_pct": gap(total(a, sk.expert_T)),
+                        "sinkhorn_load_max": sk_load_max, "sinkhorn_over_cap_pct": sk_over_pct,
+                        "sinkhorn_iterations": sk.iterations,
                     }), flush=True)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -388,15 +388,28 @@ def demo_archs(text: str, registered, dense: str = DENSE) -> List[str]:
     comma-separated list, each checked (ValueError naming --archs and what is allowed)."""
     if text == "default":
         return list(DEFAULT_ARCHS)
+    leaky = sorted(future_seeing_archs(registered))
     if text == "all":
-        return [dense] + sorted(registered)
+        return [dense] + sorted(a for a in registered if a not in leaky)
     archs = [a for a in text.split(",") if a]
     known = {dense, "transformer_lm", *registered}
     bad = [a for a in archs if a not in known]
     if bad or not archs:
         raise ValueError(f"--archs: {text!r} is not allowed; allowed: default, all, or a comma-separated subset of "
-                         f"{', '.join(sorted(known))}")
+                         f"{', '.join(sorted(known - set(leaky)))}")
+    seeing = [a for a in archs if a in leaky]
+    if seeing:
+        raise ValueError(f"--archs: {', '.join(seeing)} is not allowed: its routing of a token reads the tokens after "
+                         "it (the whole batch), so its test perplexity is not a causal LM's and cannot be ranked "
+                         "beside the others (docs/expert_choice.md); allowed: the other archs")
     return archs
+
+
+def future_seeing_archs(registered) -> List[str]:
+    """The registered archs whose router's evaluation reads future tokens (``Router.evaluation_sees_future``)."""
+    from moe_plugin.routing import ROUTER_REGISTRY
+
+    return [a for a, (router, _defaults) in registered.items() if ROUTER_REGISTRY[router].evaluation_sees_future]
 
 
 #: % of token slots dropped at the end of training above which a row is marked (issue: "nobody would accept")
@@ -643,7 +656,8 @@ def main(argv=None):
     p.add_argument("--archs", default="default", help="comma-separated archs; 'default': " + ",".join(DEFAULT_ARCHS)
                    + " (the dense baseline, the two classic baselines and the four papers' archs: what fits "
                    "15 minutes on 2 cores); 'all': dense_lm + every registered arch (also smoe_lm, "
-                   "smoe_dropout_lm and later routers)")
+                   "smoe_dropout_lm, loss_free_lm, sbase_lm and later routers; not expert_choice_lm, whose "
+                   "evaluation reads future tokens)")
     p.add_argument("--seeds", default="1,2", help="training seeds, comma-separated (each a run of its own)")
     p.add_argument("--data-seed", type=int, default=1, help="the synthetic corpus' seed (the same for every run)")
     p.add_argument("--max-update", type=int, default=300)

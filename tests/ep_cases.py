@@ -120,8 +120,11 @@ R_SHAPES = [(3, 5), (2, 6)]
 
 
 #: extra layer kinds beside the routers: BASE's own layer (balanced router over a bank of
-#: residual sublayers with per-expert LayerNorms, moe_plugin/base_layer.py)
-EXTRA_LAYERS = {"base_layer": "balanced"}
+#: residual sublayers with per-expert LayerNorms, moe_plugin/base_layer.py); switch with two
+#: shared experts (--moe-shared-experts, replicated on every rank, not param.expert)
+EXTRA_LAYERS = {"base_layer": "balanced", "switch+shared": "switch"}
+#: the options of an extra layer kind beside its router's arch defaults
+EXTRA_OPTIONS = {"switch+shared": {"moe_shared_experts": 2, "moe_shared_expert_ffn_dim": 6}}
 
 
 def layer_names() -> List[str]:
@@ -134,7 +137,7 @@ def layer_names() -> List[str]:
 def router_config(name: str, expert_parallel: bool):
     from tests.helpers import router_cfg
 
-    cfg = router_cfg(EXTRA_LAYERS.get(name, name), moe_expert_count=R_E)
+    cfg = router_cfg(EXTRA_LAYERS.get(name, name), moe_expert_count=R_E, **EXTRA_OPTIONS.get(name, {}))
     return dataclasses.replace(cfg, moe_expert_parallel=expert_parallel)
 
 
@@ -450,6 +453,90 @@ def fairseq_base_job():
     return job
 
 
+# ----------------------------------------------------------------------------------------
+# update-level router state (loss_free's bias): W ranks with --update-freq 1 against one
+# process with --update-freq W on the same micro-batches (tests/test_loss_free.py)
+# ----------------------------------------------------------------------------------------
+UPD_STEPS, UPD_E, UPD_D, UPD_T = 6, 4, 8, 10
+
+
+def update_inputs(step: int, micro: int):
+    """Micro-batch ``micro`` of update ``step``: skewed hidden states (expert 0 favoured)."""
+    g = torch.Generator().manual_seed(5000 + 17 * step + micro)
+    x = torch.randn(UPD_T, UPD_D, generator=g)
+    x[:, 0] += 2.0
+    return x
+
+
+def build_update_router(rate: float = 0.05):
+    from moe_plugin import config
+    from moe_plugin.routing import build_router
+    from tests.helpers import router_cfg
+
+    cfg = router_cfg("loss_free", moe_expert_count=UPD_E, moe_router_bias_update_rate=rate)
+    config.validate(cfg)
+    torch.manual_seed(3)
+    router = build_router(cfg, UPD_D)
+    with torch.no_grad():
+        router.gate.weight.zero_()
+        router.gate.weight[0, 0] = 1.0  # expert 0 wins the skewed dimension
+        router.gate.weight[1:, 1:] = 0.3 * torch.randn(UPD_E - 1, UPD_D - 1, generator=torch.Generator().manual_seed(4))
+    return router.train()
+
+
+def bias_after_each_update(router, micro_batches_of_rank):
+    """Run the updates (fairseq's order: set_num_updates(n), then the forwards of update n)
+    and return the bias the forwards of every next update see."""
+    out = []
+    for n in range(UPD_STEPS):
+        router.set_num_updates(n)
+        for m in micro_batches_of_rank:
+            router(update_inputs(n, m))
+        out.append(router.expert_bias_E.clone())
+    router.set_num_updates(UPD_STEPS)
+    out.append(router.expert_bias_E.clone())
+    return torch.stack(out[1:])
+
+
+def update_state_job():
+    def job(rank, world):
+        return {"bias": bias_after_each_update(build_update_router(), [rank])}
+
+    return job
+
+
+def build_scope_router(scope: str = "global"):
+    """A switch router with --moe-balance-scope ``scope`` (same weights on every rank)."""
+    from moe_plugin import config
+    from moe_plugin.routing import build_router
+    from tests.helpers import router_cfg
+
+    cfg = router_cfg("switch", moe_expert_count=UPD_E, moe_balance_scope=scope)
+    config.validate(cfg)
+    torch.manual_seed(7)
+    return build_router(cfg, UPD_D).train()
+
+
+def scope_micro_batch(router, step: int, micro: int):
+    """One training micro-batch: its balance loss and that loss's gradient on the gate."""
+    router.set_num_updates(step)
+    router.gate.weight.grad = None
+    loss = router(update_inputs(step, micro)).aux_losses["balance"]
+    loss.backward()
+    return loss.detach(), router.gate.weight.grad.clone()
+
+
+def balance_scope_job():
+    def job(rank, world):
+        router = build_scope_router()
+        out = {}
+        for step in range(2):
+            out[f"loss{step}"], out[f"grad{step}"] = scope_micro_batch(router, step, rank)
+        return out
+
+    return job
+
+
 def jobs() -> List[Tuple[str, object]]:
     out = [(f"a2a/{c}", a2a_job(c)) for c in A2A_SPLITS]
     out += [(f"dispatch/{c}", disp_job(c)) for c in DISP_CASES]
@@ -457,6 +544,8 @@ def jobs() -> List[Tuple[str, object]]:
     out += [(f"shuffle_plan/{c}", shuffle_plan_job(c)) for c in SH_CASES]
     out += [(f"shuffle_layer/{c}/{m}", shuffle_layer_job(c, m)) for c in SH_CASES for m in SH_MODES]
     out += [("fairseq_base", fairseq_base_job())]
+    out += [("update_state/loss_free", update_state_job())]
+    out += [("balance_scope/global", balance_scope_job())]
     return out
 
 

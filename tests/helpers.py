@@ -17,8 +17,9 @@ def router_cfg(name: str, **overrides):
     values = {"moe_router": name}
     for arch, (router, defaults) in ARCHS.items():
         if router == name:
-            # an arch's defaults may name fairseq options too (base_layers): not MoEConfig's
-            values.update({k: v for k, v in defaults.items() if k in known})
+            # an arch's defaults may name fairseq options too (base_layers): not MoEConfig's;
+            # a default computed from the command line (a callable) is left to the core default
+            values.update({k: v for k, v in defaults.items() if k in known and not callable(v)})
     if "moe_gating_use_fp32" in overrides:  # the config's derived property
         overrides["moe_no_gating_fp32"] = not overrides.pop("moe_gating_use_fp32")
     unknown = sorted(set(overrides) - known)
@@ -36,7 +37,7 @@ def token_info(ids_BT: torch.Tensor, pad: int = 1) -> TokenInfo:
     pos = torch.arange(L).unsqueeze(0).expand(B, L)
     f = lambda t: t.t().reshape(-1)  # noqa: E731
     return TokenInfo(ids_T=f(ids_BT), prev_ids_T=f(prev), positions_T=f(pos), pad_mask_T=f(ids_BT.eq(pad)),
-                     next_ids_T=f(nxt))
+                     next_ids_T=f(nxt), batch_size=B)
 
 
 def vocab_info(size: int = 50, seed: int = 0) -> VocabInfo:

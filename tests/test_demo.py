@@ -212,13 +212,19 @@ def _demo_module():
 
 def test_default_archs_are_registered_and_bad_archs_are_refused():
     from moe_plugin.models.archs import ARCHS, DENSE_ARCH
+    from moe_plugin.routing import ROUTER_REGISTRY
 
     demo = _demo_module()
     default = demo.demo_archs("default", ARCHS, DENSE_ARCH)
     assert default[0] == DENSE_ARCH and set(default[1:]) <= set(ARCHS)
     # the two classic baselines and one arch per paper
     assert {"switch_lm", "gshard_lm", "base_lm", "hash_lm", "sam_lm", "hyper_lm"} <= set(default)
-    assert demo.demo_archs("all", ARCHS, DENSE_ARCH) == [DENSE_ARCH] + sorted(ARCHS)
+    # 'all': every registered arch but those whose evaluation reads the future (expert choice)
+    leaky = [a for a, (router, _) in ARCHS.items() if ROUTER_REGISTRY[router].evaluation_sees_future]
+    assert leaky == ["expert_choice_lm"]
+    assert demo.demo_archs("all", ARCHS, DENSE_ARCH) == [DENSE_ARCH] + sorted(set(ARCHS) - set(leaky))
+    with pytest.raises(ValueError, match=r"--archs: expert_choice_lm is not allowed: its routing of a token reads"):
+        demo.demo_archs("dense_lm,expert_choice_lm", ARCHS, DENSE_ARCH)
     assert demo.demo_archs("dense_lm,switch_lm", ARCHS, DENSE_ARCH) == ["dense_lm", "switch_lm"]
     with pytest.raises(ValueError, match=r"--archs: 'dense_lm,nope_lm' is not allowed; allowed: default, all"):
         demo.demo_archs("dense_lm,nope_lm", ARCHS, DENSE_ARCH)

@@ -35,6 +35,7 @@ from moe_plugin.models.base_layers import base_layer_count
 from moe_plugin.models.checkpoint_layout import CheckpointCorruptError, LayoutMismatchError
 from moe_plugin.models.archs import ARCHS
 from tests.conftest import ROOT, USER_DIR, eval_lm_loss, run_cli
+from tests import _e2e_runs
 
 pytestmark = [pytest.mark.distributed, pytest.mark.e2e]
 
@@ -453,6 +454,9 @@ def test_every_arch_trains_on_two_ranks_reshards_and_evaluates(tiny_corpus, tmp_
            "--save-dir", save)
     (merged,) = reshard_mod.reshard(str(save / "checkpoint_last.pt"), 1, str(tmp_path / "one"), log=lambda *_: None)
     ev = [data_bin, "--user-dir", USER_DIR, "--tokens-per-sample", "32", "--max-tokens", "512"]
+    overrides = _e2e_runs.EVAL_OVERRIDES.get(arch)  # expert choice: its evaluation must be allowed
+    if overrides:
+        ev += ["--model-overrides", repr(overrides)]
     two = launch(2, "eval_lm", *ev, "--path", str(save / "checkpoint_last-rank-{RANK}.pt"))
     one = run_cli("eval_lm", *ev, "--cpu", "--path", merged, "--num-shards", "2", "--shard-id", "0")
     assert abs(eval_lm_loss(two.stdout + two.stderr) - eval_lm_loss(one.stdout + one.stderr)) <= 1e-4 + 1e-9

@@ -144,13 +144,14 @@ def test_only_keeps_the_runs_a_run_needs(capsys):
 
 
 def test_registry_holds_each_paper_table_once():
-    assert SCRIPTS == sorted(["base_throughput_quality", "hash_ablation", "sam_k_quality", "hyperrouter_tables"])
+    assert SCRIPTS == sorted(["balancing", "base_throughput_quality", "hash_ablation", "sam_k_quality",
+                              "hyperrouter_tables"])
     for name, exp in EXPERIMENTS.items():
         assert exp.name == name and exp.paper["source"] and callable(exp.table) and exp.description
         assert os.path.exists(os.path.join(ROOT, "scripts", "reproduce", f"{name}.sh"))
     with pytest.raises(ValueError, match="registered twice"):
         register_experiment("hash_ablation", table=lambda runs: [], paper={"source": "x"})(lambda scale, args: None)
-    with pytest.raises(ValueError, match="registered: base_throughput_quality"):
+    with pytest.raises(ValueError, match="registered: balancing, base_throughput_quality"):
         R.main("nope", ["--dry-run"])
 
 

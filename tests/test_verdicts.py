@@ -181,6 +181,31 @@ def test_claim_on_a_higher_is_better_metric_and_on_valid():
     assert Claim("valid", a="fast", b="slow", metric="valid").judge(runs)[0] == INCONCLUSIVE  # equal
 
 
+def test_claim_on_the_load_at_the_end_of_training():
+    """The balancing claims: load max/mean of the LAST logged training interval (the MoE
+    layers' mean), not an average over training."""
+    def with_load(runs, last_loads, first=3.0):
+        for r, load in zip(runs, last_loads):
+            r["log"] = {"train_inner": [{"num_updates": 10, "moe_l1_load_max": first, "moe_l3_load_max": first},
+                                        {"num_updates": 20, "moe_l1_load_max": load - 0.1,
+                                         "moe_l3_load_max": load + 0.1, "moe_load_max": 99.0}]}
+        return runs
+
+    free = with_load(seeds_of("free", "Loss-free", [10.0] * 3), [1.05, 1.06, 1.04])
+    aux = with_load(seeds_of("aux", "Aux loss", [10.0] * 3), [1.30, 1.25, 1.35], first=1.0)
+    assert stats.value_of(free[0], "load_max_end") == pytest.approx(1.05)
+    claim = Claim("loss-free balances better", a="free", b="aux", metric="load_max_end")
+    verdict, lines = claim.judge(free + aux)
+    assert verdict == HOLDS and "Loss-free 1.050 ± 0.010 (n=3)" in lines[0] and "ppl" not in lines[0]
+    assert "load max/mean at the end of training" in claim.describe(free + aux)
+    assert Claim("x", a="aux", b="free", metric="load_max_end").judge(free + aux)[0] == DOES_NOT_HOLD
+    close = with_load(seeds_of("close", "Close", [10.0] * 3), [1.06, 1.04, 1.08])
+    assert Claim("x", a="free", b="close", metric="load_max_end").judge(free + close)[0] == INCONCLUSIVE
+    # without per-layer figures the overall moe_load_max; without a train log, no value
+    r = {"log": {"train_inner": [{"moe_load_max": 1.2}]}}
+    assert stats.value_of(r, "load_max_end") == 1.2 and stats.value_of({"log": {}}, "load_max_end") is None
+
+
 def test_bpc_runs_are_judged_in_bits():
     a = seeds_of("h", "H", [1.20, 1.22, 1.18], unit="bpc")
     b = seeds_of("d", "D", [1.30, 1.31, 1.29], unit="bpc")
@@ -300,4 +325,5 @@ def test_every_experiments_claims_name_runs_of_its_plan(name, scale):
         metrics = [c.metric] if isinstance(c, Claim) else [c.small, c.large]
         for m in metrics:
             for r in c.runs:
-                assert m in ("valid", "wps") or m in [e.name for e in runs[r].evals], (name, scale, c.text, r, m)
+                assert m in ("valid", "wps", *stats.END_OF_TRAINING) or m in [e.name for e in runs[r].evals], (
+                    name, scale, c.text, r, m)

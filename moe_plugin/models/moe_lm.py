@@ -159,6 +159,7 @@ class TokenContext:
             pad_mask_T=flat(tokens_BT.eq(pad)),
             next_ids_T=flat(next_BT),
             incremental=incremental,
+            batch_size=B,
         )
 
     def get(self) -> Optional[TokenInfo]:

@@ -17,7 +17,9 @@ Legend: T tokens (padding included), D model dim, E experts, K slots per token (
 * combine weights after dropping (hook :meth:`SoftmaxRouter.combine_weights`, GShard's
   renormalisation), then cast to x's dtype;
 * aux losses: the balance-type losses (hook :meth:`SoftmaxRouter.balance_losses`; by
-  default Switch's balance over first choices, or none) and the router z-loss ``z``;
+  default Switch's balance over first choices, or none) and the router z-loss ``z``; the
+  scope of the balance loss's frequencies (``--moe-balance-scope``, :meth:`SoftmaxRouter.
+  first_choice_frequencies`): this micro-batch, or the global batch;
 * stats: ``tokens_per_expert`` and ``dropped_frac`` (kept slots of non-padding tokens),
   ``entropy``, then the router's own (hook :meth:`SoftmaxRouter.extra_stats`); the
   cross-device traffic figures are the dispatcher's (``moe_plugin/dispatch/placement.py``
@@ -29,6 +31,7 @@ rest unless its method says otherwise (SAM: its capacity rounding, losses and st
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from typing import Dict, Optional
@@ -41,6 +44,16 @@ from moe_plugin.routing.interface import DROPPED, Router, RouterOutput, TokenInf
 
 #: --moe-router-init values (see :func:`init_gate_weight_`)
 ROUTER_INITS = ("switch", "linear", "xavier")
+#: --moe-balance-scope values (see :meth:`SoftmaxRouter.first_choice_frequencies`)
+BALANCE_SCOPES = ("micro", "global")
+
+
+def _world():
+    """torch.distributed when more than one process runs, else None."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist
+    return None
 
 
 def init_gate_weight_(weight_ED: torch.Tensor, scheme: str, scale: float) -> torch.Tensor:
@@ -104,6 +117,74 @@ class SoftmaxRouter(Router):
         self.use_fp32 = cfg.moe_gating_use_fp32
         self.capacity_factor = cfg.moe_capacity_factor
         self.eval_capacity_factor = cfg.moe_eval_capacity_factor
+        self.balance_scope = getattr(cfg, "moe_balance_scope", "micro")
+        # --moe-balance-scope global: (E + 1,) first-choice counts and tokens of the update
+        # ``_scope_update`` so far, summed over ranks; reset when fairseq's update count moves
+        self._scope_counts: Optional[torch.Tensor] = None
+        self._scope_update: Optional[int] = None
+        self._last_scope_f: Optional[torch.Tensor] = None
+        # inside a recompute under activation checkpointing (:meth:`replaying`): the state of
+        # the recorded forward (the frequencies its balance loss used), else None
+        self._replay_state = None
+        self._replay = False
+
+    @classmethod
+    def balance_scope_supported(cls, cfg) -> bool:
+        """``--moe-balance-scope global`` works where the loss is Switch's over first choices."""
+        return cls.balance_loss and cls.balance_losses is SoftmaxRouter.balance_losses
+
+    def set_num_updates(self, num_updates: int) -> None:
+        """fairseq calls this before every training forward: a new update starts the global
+        batch's counts afresh."""
+        if num_updates != self._scope_update:
+            self._scope_update = int(num_updates)
+            self._scope_counts = None
+
+    def recompute_state(self, route):
+        return {"scope_f": self._last_scope_f}
+
+    @contextlib.contextmanager
+    def replaying(self, state):
+        previous = (self._replay, self._replay_state)
+        self._replay, self._replay_state = True, state
+        try:
+            yield
+        finally:
+            self._replay, self._replay_state = previous
+
+    def first_choice_frequencies(self, top1_T: torch.Tensor, valid_T: torch.Tensor) -> torch.Tensor:
+        """(E,) share of valid tokens whose first choice is e, no gradient: Switch's ``f``.
+
+        ``--moe-balance-scope micro`` (default): over this micro-batch on this rank, what
+        Switch, GShard and fairseq's moe branch compute. ``global`` (Qiu et al. 2025,
+        "Demons in the Detail", arXiv 2501.11873; Megatron-Core ``global_aux_loss``): the
+        counts are summed over every rank (one all-reduce of E + 1 numbers per MoE layer per
+        micro-batch) and over the micro-batches of the current update seen so far (a buffer
+        reset when fairseq's update count moves), so micro-batch j of ``--update-freq k`` uses
+        the counts of micro-batches 1..j of every rank; the last one, the whole update's. The
+        probabilities ``P`` stay this micro-batch's (they carry the gradient).
+        """
+        E = self.num_experts
+        w_T = valid_T.to(torch.float32)
+        counts = torch.zeros(E + 1, dtype=torch.float32, device=top1_T.device)
+        counts[:E].index_add_(0, top1_T, w_T)
+        counts[E] = w_T.sum()
+        if self.balance_scope == "global" and self.training:
+            if self._replay:
+                # a recompute: the very frequencies of the recorded forward (the backward of
+                # its balance loss reads them from the recompute)
+                f_E = (self._replay_state or {}).get("scope_f")
+                if f_E is not None:
+                    return f_E
+            else:
+                dist = _world()
+                if dist is not None:
+                    dist.all_reduce(counts)
+                self._scope_counts = counts if self._scope_counts is None else self._scope_counts + counts
+                counts = self._scope_counts
+        f_E = (counts[:E] / counts[E].clamp(min=1.0)).detach()
+        self._last_scope_f = f_E
+        return f_E
 
     # --- hooks --------------------------------------------------------------------------
     def gate_logits(self, x_TD: torch.Tensor, weight_ED: torch.Tensor, bias_E: Optional[torch.Tensor] = None):
@@ -143,7 +224,9 @@ class SoftmaxRouter(Router):
         before capacity. Default: Switch's ``balance`` over first choices if :attr:`balance_loss`."""
         if not self.balance_loss:
             return {}
-        return {"balance": switch_balance_loss(probs_TE, chosen_TK[:, 0].clamp(min=0), valid_T)}
+        top1_T = chosen_TK[:, 0].clamp(min=0)
+        f_E = self.first_choice_frequencies(top1_T, valid_T)
+        return {"balance": switch_balance_loss(probs_TE, top1_T, valid_T, f_E=f_E)}
 
     def extra_stats(self, probs_TE, chosen_TK, routed_TK, valid_T, sel: Selection, aux) -> Dict[str, torch.Tensor]:
         """Router-specific detached stats (called under no_grad; ``probs_TE`` detached)."""

@@ -343,6 +343,7 @@ class TopKSoftmaxRouter(SoftmaxRouter):
 
     def set_num_updates(self, num_updates: int) -> None:
         """Called by fairseq (``BaseFairseqModel.set_num_updates``) with the updates done so far."""
+        super().set_num_updates(num_updates)
         self._num_updates = int(num_updates)
         self.num_updates.fill_(int(num_updates))
 

@@ -116,6 +116,10 @@ class HyperOptions(TopKScheduleOptions):
 class HyperRouter(TopKSoftmaxRouter):
     arch_schedule = "linear_increase"
 
+    @classmethod
+    def balance_scope_supported(cls, cfg) -> bool:
+        return bool(cfg.hyper_balance_loss)
+
     def __init__(self, cfg, model_dim: int, **kwargs):
         super().__init__(cfg, model_dim, **kwargs)
         D, E = model_dim, self.num_experts

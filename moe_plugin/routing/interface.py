@@ -31,7 +31,9 @@ class TokenInfo:
 
     ``prev_ids_T``/``next_ids_T`` hold the neighbouring tokens in the same sequence
     (``pad`` outside it); ``next_ids_T`` is None when the future is unknown (incremental
-    decoding). ``positions_T`` are 0-based positions within the sequence.
+    decoding). ``positions_T`` are 0-based positions within the sequence. ``batch_size`` is
+    B, the number of sequences, so row ``r`` belongs to sequence ``r % B`` (None when the
+    caller does not know it; a sequence-wise loss then refuses to run).
     """
 
     ids_T: torch.Tensor
@@ -40,6 +42,7 @@ class TokenInfo:
     pad_mask_T: torch.Tensor
     next_ids_T: Optional[torch.Tensor] = None
     incremental: bool = False
+    batch_size: Optional[int] = None
 
 
 @dataclasses.dataclass
@@ -115,6 +118,10 @@ class Router(nn.Module):
     expert_segments: int = 1
     #: ``LN(x + experts(x))`` with one LayerNorm shared by the layer's experts (``moe_layer``).
     expert_norm: bool = False
+    #: a router whose routing of a token reads the tokens after it (expert choice: each expert
+    #: picks its top tokens of the whole batch): its causal-LM perplexity is not a causal LM's,
+    #: and the tools that compare perplexities (``make demo``) leave it out
+    evaluation_sees_future: bool = False
 
     def __init__(self, cfg, model_dim: int, *, vocab: Optional[VocabInfo] = None, layer_index: Optional[int] = None):
         super().__init__()
@@ -130,6 +137,13 @@ class Router(nn.Module):
     @staticmethod
     def validate(cfg) -> None:
         """Raise ValueError for options this router cannot honour (called at build time)."""
+
+    @classmethod
+    def balance_scope_supported(cls, cfg) -> bool:
+        """Whether ``--moe-balance-scope global`` changes this router's balance loss (the
+        softmax skeleton's Switch loss: ``moe_plugin/routing/_softmax.py``); where it would
+        not, the option is refused at build time."""
+        return False
 
     @staticmethod
     def needs_token_counts(cfg) -> bool:

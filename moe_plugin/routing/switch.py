@@ -35,6 +35,13 @@ class SwitchOptions:
     moe_router_init_scale: float = field(
         default=0.1, metadata={"help": "--moe-router-init switch: the scale s (Switch Transformer: 0.1)"}
     )
+    moe_balance_scope: str = field(
+        default="micro",
+        metadata={"help": "frequencies f of Switch's balance loss E sum f_e P_e (switch, gshard, hyper with "
+                          "--hyper-balance-loss): 'micro' (this micro-batch, as Switch/GShard) or 'global' (summed "
+                          "over every rank and the update's micro-batches so far: Qiu et al. 2025, Megatron-Core "
+                          "global_aux_loss)"},
+    )
 
 
 @register_router("switch", options=SwitchOptions, arch="switch_lm", arch_defaults={"moe_top_k": 1})

@@ -37,6 +37,13 @@ Components (FLOPs per token, :data:`COMPONENTS`):
   evaluation ``--moe-eval-top-k`` (-1: all E; 0: that end value). K is the nominal number
   of slots: slots dropped by a finite capacity factor, GShard's sampled second expert and
   padding cost less (the figure is the budget, an upper bound).
+* ``shared_experts``: the MoE layers' shared experts (``--moe-shared-experts N``, hidden
+  ``--moe-shared-expert-ffn-dim`` F_s; DeepSeekMoE), always active: ``N * 2 * 2 * D * F_s``
+  per MoE layer, in training and evaluation alike (padding rows are computed and masked,
+  so the figure is exact per token). Not in ``experts_per_token`` (which counts routed
+  experts). Fine-grained experts (E*m experts of hidden F/m, K*m active) are a plain
+  configuration: ``experts`` is then ``K m * 4 D F / m``, the same as E experts of F at K;
+  only ``router`` grows, to ``2 D E m``.
 * ``router``: the gate matmul ``2 * D * E`` per MoE layer (hash: 0, a table lookup).
   HyperRouter generates its gate with a frozen hypernetwork ``Linear(Q, H) -> ReLU ->
   Linear(H, E (D + 1))`` once per forward, whatever the number of tokens: its
@@ -52,9 +59,9 @@ Components (FLOPs per token, :data:`COMPONENTS`):
   ``2 * D_out * V`` (the softmax over V is elementwise and not counted).
 
 Parameters: ``total_params`` and ``active_params`` come from
-:func:`moe_plugin.utils.param_counts` (everything outside the expert banks plus K/E of each
-layer's experts), read with the model in training and in evaluation mode at the same K as
-above. Adaptive input / adaptive softmax and character embeddings are refused (ValueError).
+:func:`moe_plugin.utils.param_counts` (everything outside the routed expert banks, shared
+experts included, plus K/E of each layer's routed experts), read with the model in training
+and in evaluation mode at the same K as above. Adaptive input / adaptive softmax and character embeddings are refused (ValueError).
 """
 
 from __future__ import annotations
@@ -81,7 +88,8 @@ from moe_plugin.utils import param_counts
 
 #: the components of :attr:`FlopsReport.components`, in table order
 COMPONENTS = (
-    "attention_proj", "attention_scores", "dense_ffn", "experts", "router", "base_block", "embeddings", "output",
+    "attention_proj", "attention_scores", "dense_ffn", "experts", "shared_experts", "router", "base_block",
+    "embeddings", "output",
 )
 #: the modes: training (the schedule's end K) and evaluation
 MODES = ("train", "eval")
@@ -151,7 +159,8 @@ class FlopsReport:
                  f"{amortised}", f"{'component':<18}{'train':>14}{'eval':>14}{'eval %':>9}"]
         total = self.active_flops_per_token
         for c in COMPONENTS:
-            tr, ev = self.components["train"][c], self.components["eval"][c]
+            # .get: a report saved before a component existed (flops.json of an older run) lacks it
+            tr, ev = self.components["train"].get(c, 0.0), self.components["eval"].get(c, 0.0)
             share = 100.0 * ev / total["eval"] if total["eval"] else 0.0
             lines.append(f"{c:<18}{human(tr):>14}{human(ev):>14}{share:>8.1f}%")
         lines.append(f"{'total (active)':<18}{human(total['train']):>14}{human(total['eval']):>14}{100.0:>8.1f}%")
@@ -264,6 +273,12 @@ def _expert_ffn(bank: ExpertBank) -> float:
     return 2.0 * 2.0 * bank.model_dim * bank.ffn_dim
 
 
+def _shared_experts(moe: MoELayer) -> float:
+    """FLOPs per token of an MoE layer's shared experts (every token uses all N of them)."""
+    shared = getattr(moe, "shared_experts", None)
+    return 0.0 if shared is None else shared.num_experts * _expert_ffn(shared)
+
+
 def _moe_layer(moe: MoELayer) -> Tuple[float, float]:
     """(K, FLOPs per token of the experts) of an MoE layer in the current mode."""
     bank = moe.experts
@@ -307,6 +322,7 @@ def _count(model: nn.Module, seq_len: int, attention: str,
             k, experts = _moe_layer(fc1)
             router, forward = _router(fc1.router)
             c["experts"] += experts
+            c["shared_experts"] += _shared_experts(fc1)
             c["router"] += router + forward / tokens_per_batch
             per_forward += forward
             ks.append(k)

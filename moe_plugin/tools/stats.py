@@ -37,6 +37,7 @@ each of which imports the report; experiments may import tools, so both read it 
 """
 
 import math
+import re
 import statistics
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -198,6 +199,26 @@ def _seed_runs(runs: Sequence[dict], name: str) -> List[dict]:
     return out
 
 
+#: metrics read off the last logged training interval (the MoE layers' mean): metric -> logged key
+END_OF_TRAINING = {"load_max_end": "load_max", "dropped_end": "dropped"}
+END_OF_TRAINING_LABELS = {"load_max_end": "load max/mean at the end of training",
+                          "dropped_end": "% of token slots dropped at the end of training"}
+
+
+def end_of_training(run: dict, key: str) -> Optional[float]:
+    """The mean over MoE layers of ``moe_l<i>_<key>`` in the run's last logged training
+    interval (else its overall ``moe_<key>``); None without a train log record."""
+    inner = (run.get("log") or {}).get("train_inner") or []
+    if not inner:
+        return None
+    last = inner[-1]
+    per_layer = [float(v) for k, v in last.items() if re.fullmatch(rf"moe_l\d+_{key}", k)]
+    if per_layer:
+        return math.fsum(per_layer) / len(per_layer)
+    v = last.get(f"moe_{key}")
+    return None if v is None else float(v)
+
+
 def value_of(run: dict, metric: str) -> Optional[float]:
     """Metric ``metric`` of one run (one seed) in its unit; None when it has none."""
     if run.get("status") == "not run":
@@ -207,6 +228,8 @@ def value_of(run: dict, metric: str) -> Optional[float]:
         v = (run.get("valid_final") or {}).get("nll_loss" if bpc else "ppl")
     elif metric == "wps":
         v = run.get("wps")
+    elif metric in END_OF_TRAINING:
+        v = end_of_training(run, END_OF_TRAINING[metric])
     else:
         ev = (run.get("evals") or {}).get(metric)
         v = None if ev is None else ev.get("loss_bits" if bpc else "ppl")
@@ -256,6 +279,8 @@ def _metric_label(runs: Sequence[dict], names: Iterable[str], metric: str) -> st
     unit = "BPC" if rs and rs[0].get("unit") == "bpc" else "ppl"
     if metric == "wps":
         return "words/s"
+    if metric in END_OF_TRAINING:
+        return END_OF_TRAINING_LABELS[metric]
     if metric == "valid":
         return f"valid {unit}"
     ev_label = next(((r.get("evals") or {}).get(metric, {}).get("label") for r in rs
@@ -326,7 +351,7 @@ class Claim:
 
     def judge(self, runs: Sequence[dict]) -> Tuple[str, List[str]]:
         """(verdict, one line per comparison with its numbers) on the report's runs."""
-        unit = "" if self.metric == "wps" else ("BPC" if any(r.get("unit") == "bpc" for n in self.runs
+        unit = "" if self.metric == "wps" or self.metric in END_OF_TRAINING else ("BPC" if any(r.get("unit") == "bpc" for n in self.runs
                                                                for r in _seed_runs(runs, n)) else "ppl")
         # every seed of every named run (one line per run and value)
         off = list(dict.fromkeys(f"{_label(runs, n)} has {k}={r.get('meta', {}).get(k)!r}" for n in self.runs
