@@ -672,7 +672,7 @@ def main(argv=None):
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--tokens-per-sample", type=int, default=128)
     p.add_argument("--max-tokens", type=int, default=2048)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=6e-3)
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                    help="runs trained at a time, each with OMP_NUM_THREADS / jobs threads (default: 2 where "
                    "there are 2 CPUs: two small runs of one thread each finish sooner than one after the "
