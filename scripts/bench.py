@@ -295,6 +295,8 @@ def markdown(args, layer_rows, assign_rows, e2e_rows):
             out.append(f"| {name} | {k or '-'} | " + " | ".join(cells) + " |")
         out.append("")
     if e2e_rows:
+        from moe_plugin.tools import flops
+
         out += ["### End to end: fairseq-train words/s over dense_lm (same shape; active training FLOPs/token "
                 "counted on the built model, moe_plugin.tools.flops; a FLOPs ratio more than 2% off is marked)", "",
                 "| arch | words/s | ratio | active FLOPs/token (train) | vs dense FLOPs | total params |",
