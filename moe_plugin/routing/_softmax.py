@@ -127,6 +127,9 @@ class SoftmaxRouter(Router):
         # the recorded forward (the frequencies its balance loss used), else None
         self._replay_state = None
         self._replay = False
+        # the current forward's TokenInfo (or None) and valid mask, for the hooks (forward)
+        self.forward_tokens: Optional[TokenInfo] = None
+        self.forward_valid_T: Optional[torch.Tensor] = None
 
     @classmethod
     def balance_scope_supported(cls, cfg) -> bool:
@@ -241,6 +244,15 @@ class SoftmaxRouter(Router):
         else:
             valid_T = torch.ones(T, dtype=torch.bool, device=x_TD.device)
             num_valid = T
+        # what the hooks of this forward may read (Sinkhorn's marginals leave padding out;
+        # loss_free's sequence-wise loss needs the sequences); cleared when the forward ends
+        self.forward_tokens, self.forward_valid_T = tokens, valid_T
+        try:
+            return self._forward(x_TD, tokens, valid_T, num_valid)
+        finally:
+            self.forward_tokens = self.forward_valid_T = None
+
+    def _forward(self, x_TD, tokens, valid_T, num_valid) -> RouterOutput:
         K = self.top_k
         logits_TE = self.logits(x_TD)
         probs_TE = torch.softmax(logits_TE, dim=-1)

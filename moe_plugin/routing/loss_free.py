@@ -191,7 +191,7 @@ class LossFreeRouter(LinearGateRouter):
     def balance_losses(self, probs_TE, chosen_TK, valid_T, sel):
         if not (self.seq_aux_loss and self.training):
             return {}
-        tokens = self._tokens
+        tokens = self.forward_tokens
         if tokens is None or tokens.batch_size is None:
             raise RuntimeError("--moe-seq-aux-loss: the sequence-wise balance loss needs the batch's sequences "
                                "(TokenInfo.batch_size), and none reached the router")
@@ -209,12 +209,5 @@ class LossFreeRouter(LinearGateRouter):
             self.pending_update.fill_(self._updates_done)
         bias_E = self.expert_bias_E
         return {"bias_range": (bias_E.max() - bias_E.min()).detach().float()}
-
-    def forward(self, x_TD, *, tokens=None):
-        self._tokens = tokens
-        try:
-            return super().forward(x_TD, tokens=tokens)
-        finally:
-            self._tokens = None
 
 

@@ -86,9 +86,8 @@ from typing import Optional
 
 import torch
 
-from moe_plugin.losses import router_z_loss, routing_entropy
-from moe_plugin.routing._softmax import LinearGateRouter
-from moe_plugin.routing.interface import DROPPED, RouterOutput, TokenInfo, limit_capacity, register_router
+from moe_plugin.routing._softmax import LinearGateRouter, Selection
+from moe_plugin.routing.interface import register_router
 
 #: --sinkhorn-gate values
 SINKHORN_GATES = ("sigmoid", "softmax")
@@ -226,39 +225,27 @@ class SinkhornRouter(LinearGateRouter):
         if not 0.0 <= eps < 1.0:
             raise ValueError(f"--moe-jitter-eps: {eps} is not allowed; allowed: 0 <= eps < 1")
 
-    def forward(self, x_TD: torch.Tensor, *, tokens: Optional[TokenInfo] = None) -> RouterOutput:
-        # the softmax skeleton's forward with the selection needing the padding mask (the
-        # Sinkhorn marginals leave padding out): same padding, capacity, z-loss and stats
-        T = x_TD.shape[0]
-        if tokens is not None:
-            valid_T = ~tokens.pad_mask_T
-            num_valid = valid_T.sum()
-        else:
-            valid_T = torch.ones(T, dtype=torch.bool, device=x_TD.device)
-            num_valid = T
-        logits_TE = self.logits(x_TD)
+    # the softmax skeleton's forward (padding, capacity, z-loss, stats); Sinkhorn's
+    # marginals leave padding out, so the selection reads the forward's valid mask
+    def select(self, probs_TE, logits_TE, top_k):
+        tokens, valid_T = self.forward_tokens, self.forward_valid_T
+        if valid_T is None:
+            valid_T = torch.ones(logits_TE.shape[0], dtype=torch.bool, device=logits_TE.device)
         incremental = tokens is not None and tokens.incremental
-        stats = {}
+        extras = {}
         if self.training and not incremental:
             res = sinkhorn(logits_TE, valid_T, tol=self.tol, max_iterations=self.max_iterations,
                            temperature=self.temperature)
             expert_T = res.expert_T
-            iterations, delta = float(res.iterations), res.delta.detach().float()
+            extras["sinkhorn_iterations"] = torch.tensor(float(res.iterations), device=logits_TE.device)
+            extras["sinkhorn_delta"] = res.delta.detach().float()
         else:
             expert_T = logits_TE.detach().argmax(dim=-1)
-            iterations, delta = 0.0, torch.zeros((), device=x_TD.device)
-        if self.gate_kind == "sigmoid":
-            gate_TE = torch.sigmoid(logits_TE)
-        else:
-            gate_TE = torch.softmax(logits_TE, dim=-1)
-        weight_T1 = gate_TE.gather(1, expert_T.unsqueeze(1))
-        chosen_T1 = expert_T.unsqueeze(1).masked_fill(~valid_T.unsqueeze(1), DROPPED)
-        cap = self.capacity_for(num_valid)
-        routed_T1, weights_T1, cap_stats = limit_capacity(chosen_T1, weight_T1, self.num_experts, cap)
-        stats.update(cap_stats)
-        aux = {"z": router_z_loss(logits_TE, valid_T)}
-        with torch.no_grad():
-            stats["entropy"] = routing_entropy(torch.softmax(logits_TE.detach(), dim=-1), valid_T)
-            stats["sinkhorn_iterations"] = torch.tensor(iterations, device=x_TD.device)
-            stats["sinkhorn_delta"] = delta.to(x_TD.device)
-        return RouterOutput(routed_T1, weights_T1.to(x_TD.dtype), aux, stats)
+            extras["sinkhorn_iterations"] = torch.zeros((), device=logits_TE.device)
+            extras["sinkhorn_delta"] = torch.zeros((), device=logits_TE.device)
+        gate_TE = torch.sigmoid(logits_TE) if self.gate_kind == "sigmoid" else probs_TE
+        expert_T1 = expert_T.unsqueeze(1)
+        return Selection(expert_T1, gate_TE.gather(1, expert_T1), extras=extras)
+
+    def extra_stats(self, probs_TE, chosen_TK, routed_TK, valid_T, sel, aux):
+        return {k: v.to(probs_TE.device) for k, v in sel.extras.items()}
