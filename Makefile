@@ -50,7 +50,7 @@ clean-demo:
 # Benchmarks (ratios to a baseline measured in the same run); numbers go to docs/performance.md
 bench: install
 	@mkdir -p results/bench
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) scripts/bench.py --suite layer,assignment,e2e \
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) scripts/bench.py --suite layer,assignment,base-vs-fairseq,e2e \
 		--jsonl results/bench/bench.jsonl --markdown results/bench/summary.md
 
 # The hydra configs of every experiment's training runs (configs/<scale>/*.yaml, checked against

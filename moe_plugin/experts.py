@@ -21,6 +21,13 @@ Implementations (``impl``):
 * ``grouped_mm`` (the GPU default for bf16 with 16-byte aligned strides, which
   ``torch._grouped_mm`` needs): composed with autograd; nothing leaves the device (no host
   sync). Elsewhere on a GPU the default is ``fused`` (one host read of the counts).
+* With local experts the layer does not call the bank on gathered rows at all: the bank's
+  ``forward_combined`` (:class:`_FusedDispatchFFN`, for ``fused`` and ``grouped_mm``) gathers
+  the rows, runs the FFN and scatters the weighted outputs back in one autograd function that
+  keeps for backward only the layer's input, each row's token index and weight, and the hidden
+  activation: a dense FFN's activation memory. BASE's one-sublayer experts
+  (:class:`BaseSublayerBank`) take the same path with their per-expert LayerNorm recomputed in
+  backward. ``fuse_dispatch = False`` on a bank restores the separate gather, bank and combine.
 * ``bmm`` (the fallback for unaligned shapes): every group padded to the largest, one
   ``bmm``. (The slow obvious per-expert loops the banks are tested against live in tests/.)
 
@@ -203,6 +210,23 @@ def _zeros_at(t: torch.Tensor, rows: List[int]) -> torch.Tensor:
     return t
 
 
+def _activation_backward(g_a: torch.Tensor, a_nF: torch.Tensor, pre_nF: Optional[torch.Tensor], activation: str,
+                         p_drop: float) -> torch.Tensor:
+    """dL/d(pre-activation) from dL/d(activation output) ``g_a``. ReLU: in place on ``g_a``,
+    one pass over the saved output ``a_nF`` (which is positive exactly where a unit passed,
+    dropout included; masked_fill_ with a <= 0 mask costs ten times more on CPU), then the
+    dropout scale. Others: autograd through the activation at the saved ``pre_nF``."""
+    if activation == "relu":
+        g_h = torch.ops.aten.threshold_backward.grad_input(g_a, a_nF, 0, grad_input=g_a)
+        if p_drop > 0:
+            g_h.mul_(1.0 / (1.0 - p_drop))
+        return g_h
+    with torch.enable_grad():
+        pre = pre_nF.detach().requires_grad_()
+        (g_h,) = torch.autograd.grad(ACTIVATIONS[activation](pre), pre, g_a)
+    return g_h
+
+
 class _FusedExpertFFN(torch.autograd.Function):
     """``fc2(act(fc1(x)))`` per expert over sorted rows, with a hand-written backward.
 
@@ -263,15 +287,7 @@ class _FusedExpertFFN(torch.autograd.Function):
                 torch.sum(g_ND[rows[e]], 0, out=g_b2[e])
                 torch.mm(g_ND[rows[e]], w2_EFD[e].t(), out=g_a[rows[e]])
         # through dropout and the activation: g_a becomes the pre-activation gradient
-        if ctx.activation == "relu":
-            # in place, one pass (masked_fill_ with a <= 0 mask costs ten times more on CPU)
-            g_h = torch.ops.aten.threshold_backward.grad_input(g_a, a_nF, 0, grad_input=g_a)
-            if ctx.p_drop > 0:
-                g_h.mul_(1.0 / (1.0 - ctx.p_drop))
-        else:
-            with torch.enable_grad():
-                pre = pre_nF.detach().requires_grad_()
-                (g_h,) = torch.autograd.grad(ACTIVATIONS[ctx.activation](pre), pre, g_a)
+        g_h = _activation_backward(g_a, a_nF, pre_nF, ctx.activation, ctx.p_drop)
         g_w1 = _zeros_at(torch.empty_like(w1_EDF), empty_E)
         g_b1 = _zeros_at(g_ND.new_empty(E, F), empty_E)
         g_x = g_ND.new_empty(x_ND.shape) if ctx.needs_input_grad[0] else None
@@ -284,6 +300,218 @@ class _FusedExpertFFN(torch.autograd.Function):
         if g_x is not None and n < x_ND.shape[0]:
             g_x[n:].zero_()
         return g_x, g_w1, g_b1, g_w2, g_b2, None, None, None
+
+
+def _rowsum_product(u_nF: torch.Tensor, a_nF: torch.Tensor) -> torch.Tensor:
+    """(n,) row-wise dot products of two (n, F) tensors, in row blocks so the temporary
+    product stays small (a fresh (n, F) tensor costs page faults on CPU)."""
+    n = u_nF.shape[0]
+    out = u_nF.new_empty(n)
+    step = max(1, (1 << 20) // max(1, u_nF.shape[1]))
+    for i in range(0, n, step):
+        torch.sum(u_nF[i : i + step] * a_nF[i : i + step], 1, out=out[i : i + step])
+    return out
+
+
+class _FusedDispatchFFN(torch.autograd.Function):
+    """gather -> expert FFN -> weighted scatter-add in one function, saving for backward only
+    the layer's input ``x_TD`` (which the router saves anyway: the same storage), each sorted
+    row's token index and combine weight, and the hidden activation; the gathered input rows
+    and the expert outputs are temporaries, recomputed where the backward needs them:
+
+        out_t = sum_{rows r of token t} w_r * (act(x_t W1_e(r) + b1_e(r)) W2_e(r) + b2_e(r))
+
+    Backward (g = dL/dout gathered per row, u_r = g_r W2_e^T, a_r the activation):
+        dL/dw_r  = <u_r, a_r> + <g_r, b2_e>         (= <g_r, y_r> without recomputing y)
+        dL/dW2_e = sum_r a_r^T (w_r g_r),  dL/db2_e = sum_r w_r g_r
+        dL/da_r  = w_r u_r  -> through the activation (and dropout) -> dL/dh_r
+        dL/dW1_e = sum_r x_t(r)^T dL/dh_r (x re-gathered), dL/dx_t = sum_{r of t} dL/dh_r W1_e^T
+
+    That is what :class:`_FusedExpertFFN` plus the dispatcher's gather and combine compute
+    (tested against both and against a per-token loop), with the activation memory of a dense
+    FFN of the same active width: per routed slot one hidden row (F floats) plus three scalars,
+    instead of additionally the gathered input and the output rows (2 D floats per slot).
+    Non-ReLU activations save the pre-activation only (the activation is recomputed).
+
+    ``sizes``: kept rows per expert as host ints (the ``fused`` CPU path: one ``addmm`` per
+    expert over the first ``n`` rows), or None with ``counts_E`` on the device (the
+    ``grouped_mm`` GPU path: all N rows through ``torch._grouped_mm``, the tail past the
+    last offset masked, no host sync).
+    """
+
+    @staticmethod
+    def forward(ctx, x_TD, w_N, token_N, w1_EDF, b1_EF, w2_EFD, b2_ED, sizes: Optional[List[int]],
+                counts_E: torch.Tensor, activation: str, p_drop: float, ln_w_ED=None, ln_b_ED=None):
+        T, D = x_TD.shape
+        E, _, F = w1_EDF.shape
+        grouped = sizes is None
+        if grouped:
+            n = token_N.shape[0]
+            offs_E = counts_E.cumsum(0).to(torch.int32)
+            expert_n = expert_of_rows(counts_E, n)  # tail rows: E
+            tail_n1 = (expert_n == E).unsqueeze(1)
+            starts = None
+        else:
+            n = sum(sizes)
+            starts = [0]
+            for c in sizes:
+                starts.append(starts[-1] + c)
+            offs_E = expert_n = tail_n1 = None
+        token_n = token_N[:n]
+        w_n = w_N[:n]
+        x_nD = x_TD.index_select(0, token_n)
+        if ln_w_ED is not None:  # BASE's per-expert pre-LayerNorm, recomputed in backward
+            x_nD = _expert_layer_norm(x_nD, ln_w_ED, ln_b_ED, starts, expert_n)[0]
+        if grouped:
+            h_nF = torch._grouped_mm(x_nD, w1_EDF, offs=offs_E)
+            h_nF.add_(_pad_rows(b1_EF).index_select(0, expert_n)).masked_fill_(tail_n1, 0)
+        else:
+            h_nF = x_nD.new_empty(n, F)
+            for e, c in enumerate(sizes):
+                if c:
+                    torch.addmm(b1_EF[e], x_nD[starts[e] : starts[e + 1]], w1_EDF[e], out=h_nF[starts[e] : starts[e + 1]])
+        if activation == "relu":
+            pre_nF, a_nF = None, h_nF.relu_()
+        else:
+            pre_nF, a_nF = h_nF, ACTIVATIONS[activation](h_nF)
+        if p_drop > 0:  # ReLU only (the caller's rule): the backward needs no mask then
+            a_nF = F_.dropout(a_nF, p=p_drop, training=True, inplace=True)
+        if grouped:
+            y_nD = torch._grouped_mm(a_nF, w2_EFD, offs=offs_E)
+            y_nD.add_(_pad_rows(b2_ED).index_select(0, expert_n)).masked_fill_(tail_n1, 0)
+        else:
+            y_nD = x_nD  # the gathered input is not needed any more: its buffer takes the output
+            for e, c in enumerate(sizes):
+                if c:
+                    torch.addmm(b2_ED[e], a_nF[starts[e] : starts[e + 1]], w2_EFD[e], out=y_nD[starts[e] : starts[e + 1]])
+        y_nD.mul_(w_n.to(y_nD.dtype).unsqueeze(1))
+        out_TD = x_TD.new_zeros(T, D).index_add_(0, token_n, y_nD)
+        # non-ReLU: only the pre-activation is kept; the activation is recomputed in backward
+        ctx.save_for_backward(x_TD, w_n, token_n, w1_EDF, b1_EF, w2_EFD, b2_ED,
+                              a_nF if pre_nF is None else pre_nF, counts_E if grouped else None, ln_w_ED, ln_b_ED)
+        ctx.sizes, ctx.starts, ctx.activation, ctx.p_drop = sizes, starts, activation, p_drop
+        ctx.num_slots = w_N.shape[0]
+        return out_TD
+
+    @staticmethod
+    def backward(ctx, g_TD):
+        x_TD, w_n, token_n, w1_EDF, b1_EF, w2_EFD, b2_ED, saved_nF, counts_E, ln_w_ED, ln_b_ED = ctx.saved_tensors
+        sizes, starts = ctx.sizes, ctx.starts
+        grouped = sizes is None
+        E, D, F = w1_EDF.shape
+        n = token_n.shape[0]
+        relu = ctx.activation == "relu"
+        if relu:
+            a_nF = saved_nF
+        else:
+            a_nF = ACTIVATIONS[ctx.activation](saved_nF)
+        g_nD = g_TD.contiguous().index_select(0, token_n)
+        wcol_n1 = w_n.to(g_nD.dtype).unsqueeze(1)
+        need_w = ctx.needs_input_grad[1]
+        if grouped:
+            offs_E = counts_E.cumsum(0).to(torch.int32)
+            expert_n = expert_of_rows(counts_E, n)
+            tail_n1 = (expert_n == E).unsqueeze(1)
+            u_nF = torch._grouped_mm(g_nD, w2_EFD.transpose(1, 2), offs=offs_E).masked_fill_(tail_n1, 0)
+            g_w = None
+            if need_w:
+                g_w = _rowsum_product(u_nF, a_nF) + (g_nD * _pad_rows(b2_ED).index_select(0, expert_n)).sum(1)
+            gw_nD = g_nD.mul_(wcol_n1).masked_fill_(tail_n1, 0)
+            g_w2 = torch._grouped_mm(a_nF.t(), gw_nD, offs=offs_E)
+            g_b2 = gw_nD.new_zeros(E + 1, D).index_add_(0, expert_n, gw_nD)[:E]
+        else:
+            rows = [slice(starts[e], starts[e + 1]) for e in range(E)]
+            empty_E = [e for e, c in enumerate(sizes) if c == 0]
+            u_nF = g_nD.new_empty(n, F)
+            g_w = g_nD.new_empty(n) if need_w else None
+            for e, c in enumerate(sizes):
+                if c:
+                    torch.mm(g_nD[rows[e]], w2_EFD[e].t(), out=u_nF[rows[e]])
+                    if need_w:
+                        torch.mv(g_nD[rows[e]], b2_ED[e], out=g_w[rows[e]])
+            if need_w:
+                g_w.add_(_rowsum_product(u_nF, a_nF))
+            gw_nD = g_nD.mul_(wcol_n1)
+            g_w2 = _zeros_at(torch.empty_like(w2_EFD), empty_E)
+            g_b2 = _zeros_at(g_nD.new_empty(E, D), empty_E)
+            for e, c in enumerate(sizes):
+                if c:
+                    torch.mm(a_nF[rows[e]].t(), gw_nD[rows[e]], out=g_w2[e])
+                    torch.sum(gw_nD[rows[e]], 0, out=g_b2[e])
+        # dL/da = w u, then through dropout and the activation (in place)
+        g_h = _activation_backward(u_nF.mul_(wcol_n1), a_nF, None if relu else saved_nF, ctx.activation, ctx.p_drop)
+        x_nD = x_TD.index_select(0, token_n)  # re-gathered: not saved
+        need_x = ctx.needs_input_grad[0]
+        ln = ln_w_ED is not None
+        if ln:  # the FFN's input is LN_e(x): recomputed from the re-gathered rows
+            x_raw_nD = x_nD
+            x_nD, xhat_nD, mean_n1, rstd_n1 = _expert_layer_norm(x_raw_nD, ln_w_ED, ln_b_ED, starts,
+                                                                  expert_n if grouped else None)
+            need_x = True  # LN's parameters need dL/dz
+        if grouped:
+            g_w1 = torch._grouped_mm(x_nD.t(), g_h, offs=offs_E)
+            g_b1 = g_h.new_zeros(E + 1, F).index_add_(0, expert_n, g_h)[:E]
+            g_xn = torch._grouped_mm(g_h, w1_EDF.transpose(1, 2), offs=offs_E).masked_fill_(tail_n1, 0) if need_x else None
+        else:
+            g_w1 = _zeros_at(torch.empty_like(w1_EDF), empty_E)
+            g_b1 = _zeros_at(g_h.new_empty(E, F), empty_E)
+            for e, c in enumerate(sizes):
+                if c:
+                    torch.mm(x_nD[rows[e]].t(), g_h[rows[e]], out=g_w1[e])
+                    torch.sum(g_h[rows[e]], 0, out=g_b1[e])
+                    if need_x:  # x's rows of this expert are used: their buffer takes dL/dx
+                        torch.mm(g_h[rows[e]], w1_EDF[e].t(), out=x_nD[rows[e]])
+            g_xn = x_nD if need_x else None
+        g_lnw = g_lnb = None
+        if ln:  # g_xn is dL/dz, z = xhat * ln_w_e + ln_b_e
+            if grouped:
+                g_lnw = (g_xn * xhat_nD).new_zeros(E + 1, D).index_add_(0, expert_n, g_xn * xhat_nD)[:E]
+                g_lnb = g_xn.new_zeros(E + 1, D).index_add_(0, expert_n, g_xn)[:E]
+                g_xn = g_xn * _pad_rows(ln_w_ED).index_select(0, expert_n)
+            else:
+                g_lnw = _zeros_at(g_xn.new_empty(E, D), empty_E)
+                g_lnb = _zeros_at(g_xn.new_empty(E, D), empty_E)
+                for e, c in enumerate(sizes):
+                    if c:
+                        torch.sum(g_xn[rows[e]] * xhat_nD[rows[e]], 0, out=g_lnw[e])
+                        torch.sum(g_xn[rows[e]], 0, out=g_lnb[e])
+                        g_xn[rows[e]].mul_(ln_w_ED[e])
+            g_xn = torch.ops.aten.native_layer_norm_backward(
+                g_xn, x_raw_nD, [D], mean_n1, rstd_n1, None, None, [True, False, False])[0]
+            need_x = ctx.needs_input_grad[0]
+        g_x = None
+        if need_x:
+            g_x = g_TD.new_zeros(x_TD.shape).index_add_(0, token_n, g_xn)
+        if g_w is not None:
+            g_w = g_w.to(w_n.dtype)
+            g_w = g_w if g_w.shape[0] == ctx.num_slots else torch.cat([g_w, g_w.new_zeros(ctx.num_slots - g_w.shape[0])])
+        return g_x, g_w, None, g_w1, g_b1, g_w2, g_b2, None, None, None, None, g_lnw, g_lnb
+
+
+#: BASE's sublayer LayerNorm epsilon (fairseq's nn.LayerNorm default)
+BASE_LN_EPS = 1e-5
+
+
+def _expert_layer_norm(x_nD, ln_w_ED, ln_b_ED, starts, expert_n):
+    """LN_e(x) for rows sorted by expert: -> (z, xhat, mean, rstd); rows of the same expert
+    (``starts``, host ints) or, on the grouped path, ``expert_n`` (tail rows: E, no affine)."""
+    D = x_nD.shape[1]
+    xhat_nD, mean_n1, rstd_n1 = torch.native_layer_norm(x_nD, [D], None, None, BASE_LN_EPS)
+    if starts is None:
+        z_nD = torch.addcmul(_pad_rows(ln_b_ED).index_select(0, expert_n), xhat_nD,
+                             _pad_rows(ln_w_ED).index_select(0, expert_n))
+    else:
+        z_nD = torch.empty_like(xhat_nD)
+        for e in range(ln_w_ED.shape[0]):
+            if starts[e + 1] > starts[e]:
+                r = slice(starts[e], starts[e + 1])
+                torch.addcmul(ln_b_ED[e], xhat_nD[r], ln_w_ED[e], out=z_nD[r])
+    return z_nD, xhat_nD, mean_n1, rstd_n1
+
+
+def _pad_rows(b_EX: torch.Tensor) -> torch.Tensor:
+    """(E + 1, X): the rows of ``b_EX`` and a zero row for expert E (the tail)."""
+    return torch.cat([b_EX, b_EX.new_zeros(1, b_EX.shape[1])])
 
 
 class ExpertBank(nn.Module):
@@ -359,6 +587,41 @@ class ExpertBank(nn.Module):
         if x_ND.device.type != "cpu" and _grouped_mm_applies(x_ND, self.ffn_dim):
             return "grouped_mm"
         return "fused"
+
+    #: gather -> FFN -> combine in one function (:meth:`forward_combined`) where it applies
+    #: (:meth:`combined_impl`); False: always the separate gather, bank and combine (the
+    #: reference path the tests compare against)
+    fuse_dispatch = True
+
+    def combined_impl(self, x_TD: torch.Tensor) -> Optional[str]:
+        """The implementation :meth:`forward_combined` would use on ``x_TD``, or None where it
+        does not apply (``bmm``; activation dropout with a non-ReLU activation, whose mask the
+        hand-written backward cannot recover; a subclass that computes something else)."""
+        if not self.fuse_dispatch or type(self) is not ExpertBank:
+            return None
+        impl = self.resolved_impl(x_TD)
+        if impl == "grouped_mm" and not _grouped_mm_applies(x_TD, self.ffn_dim):
+            return None
+        p_drop = self.activation_dropout if self.training else 0.0
+        if impl not in ("fused", "grouped_mm") or (p_drop > 0 and self.activation_name != "relu"):
+            return None
+        return impl
+
+    def forward_combined(self, x_TD: torch.Tensor, w_N: torch.Tensor, token_N: torch.Tensor,
+                         counts_E: torch.Tensor, impl: str) -> torch.Tensor:
+        """``out_t = sum_r w_r FFN_e(r)(x_t(r))`` over the sorted rows r (``token_N[r]`` their
+        token, ``w_N[r]`` their combine weight, ``counts_E[e]`` rows for expert e, then the
+        tail of dropped rows) -> (T, D), without keeping the gathered rows for backward
+        (:class:`_FusedDispatchFFN`). ``impl``: :meth:`combined_impl`'s answer."""
+        T, D = x_TD.shape
+        if token_N.shape[0] == 0:
+            return x_TD.new_zeros(T, D) + 0.0 * sum(p.sum() for p in self.parameters())
+        p_drop = self.activation_dropout if self.training else 0.0
+        dt = x_TD.dtype
+        w1, b1, w2, b2 = (p.to(dt) for p in (self.w1_EDF, self.b1_EF, self.w2_EFD, self.b2_ED))
+        sizes = counts_E.tolist() if impl == "fused" else None
+        return _FusedDispatchFFN.apply(x_TD.contiguous(), w_N, token_N, w1, b1, w2, b2, sizes, counts_E,
+                                       self.activation_name, p_drop)
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """x_ND: rows sorted by expert, ``counts_E[e]`` rows for expert e (then the tail).
@@ -535,6 +798,30 @@ class BaseSublayerBank(nn.Module):
         for bank in self.ffns:
             with torch.no_grad():
                 bank.w2_EFD.zero_()
+
+    #: as :attr:`ExpertBank.fuse_dispatch` (one sublayer only: f(x) - x = FFN_e(LN_e(x)))
+    fuse_dispatch = True
+
+    def combined_impl(self, x_TD: torch.Tensor) -> Optional[str]:
+        """With one sublayer, f_e(x) - x is one FFN of a per-expert LayerNorm: the fused
+        gather -> LN -> FFN -> combine of :class:`_FusedDispatchFFN` applies (the LN is
+        recomputed in backward); with more, None (the separate path)."""
+        if not self.fuse_dispatch or self.num_sublayers != 1:
+            return None
+        return self.ffns[0].combined_impl(x_TD)
+
+    def forward_combined(self, x_TD: torch.Tensor, w_N: torch.Tensor, token_N: torch.Tensor,
+                         counts_E: torch.Tensor, impl: str) -> torch.Tensor:
+        """``out_t = sum_r w_r (f_e(r)(x_t) - x_t)`` (:meth:`ExpertBank.forward_combined`)."""
+        T, D = x_TD.shape
+        if token_N.shape[0] == 0:
+            return x_TD.new_zeros(T, D) + 0.0 * sum(p.sum() for p in self.parameters())
+        bank, dt = self.ffns[0], x_TD.dtype
+        w1, b1, w2, b2 = (p.to(dt) for p in (bank.w1_EDF, bank.b1_EF, bank.w2_EFD, bank.b2_ED))
+        ln_w, ln_b = (p[:, 0].to(dt) for p in (self.ln_weight_ESD, self.ln_bias_ESD))
+        sizes = counts_E.tolist() if impl == "fused" else None
+        return _FusedDispatchFFN.apply(x_TD.contiguous(), w_N, token_N, w1, b1, w2, b2, sizes, counts_E,
+                                       bank.activation_name, 0.0, ln_w, ln_b)
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """x_ND: rows sorted by expert, ``counts_E[e]`` rows for expert e -> f(x) - x, (N, D)."""

@@ -156,6 +156,11 @@ class MoELayer(nn.Module):
         if isinstance(self.experts, SegmentedExpertBank):
             # MultiHash: one one-slot dispatch per segment, inside the bank
             y_TD = self.experts.forward_segments(x_TD, route.expert_ids_TK, self.dispatcher)
+        elif self._combined_impl(x_TD) is not None:
+            # gather -> FFN -> combine in one function: the gathered rows and the expert
+            # outputs are not kept for backward (ExpertBank.forward_combined)
+            y_TD = self.dispatcher.dispatch_compute_combine(
+                x_TD, route.expert_ids_TK, route.weights_TK, self.experts, self._combined_impl(x_TD))
         else:
             x_ND, counts_E, plan = self.dispatcher.dispatch(x_TD, route.expert_ids_TK)
             y_ND = self.experts(x_ND, counts_E)
@@ -167,6 +172,15 @@ class MoELayer(nn.Module):
             valid_T = None if tokens is None else ~tokens.pad_mask_T
             y_TD = y_TD + self.shared_experts(x_TD, valid_T)
         return y_TD
+
+
+    def _combined_impl(self, x_TD: torch.Tensor) -> Optional[str]:
+        """The bank's fused gather-FFN-combine implementation when this layer can use it
+        (a dispatcher with ``dispatch_compute_combine``, i.e. local experts), else None."""
+        if not hasattr(self.dispatcher, "dispatch_compute_combine"):
+            return None
+        combined = getattr(self.experts, "combined_impl", None)
+        return combined(x_TD) if combined is not None else None
 
 
 def checkpointed(function: Callable, moe_layers, *args, offload: bool = False, **kwargs):

@@ -6,6 +6,9 @@
               layer is 1.0x, of a top-K layer K.0x. Also activation memory (bytes saved for
               backward; on CUDA the peak allocated memory) over the dense FFN's.
   assignment  BASE's balanced assignment vs fairseq.libbase and scipy (scripts/bench_assignment.py).
+  base-vs-fairseq  BASE layers end to end: moe_plugin's base_lm (--moe-expert-parallel) vs fairseq's
+              own transformer_lm --base-layers 1, train words/s and valid loss of the same model on 2
+              gloo CPU ranks, runs interleaved (scripts/bench_base_vs_fairseq.py; its defaults).
   e2e         fairseq-train words/s of each MoE arch over the dense baseline dense_lm (the same
               model without MoE layers) of the same shape and active compute (experts of size
               F/K), fixed updates, synthetic corpus.
@@ -107,7 +110,8 @@ def layer_suite(args, emit):
 
     device, dtype = args.device, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     D, F = args.D, args.F
-    routers = sorted(ROUTER_REGISTRY) if args.routers == "all" else args.routers.split(",")
+    names = sorted(ROUTER_REGISTRY) + ["base_block"] if args.routers == "all" else args.routers.split(",")
+    routers = [r for r in names if r != "base_block"]
     V = 1000
     vocab = VocabInfo(size=V, pad=1, eos=2, counts_V=torch.randint(1, 1000, (V,)))
     rows = []
@@ -147,6 +151,10 @@ def layer_suite(args, emit):
             emit(row)
             rows.append(row)
             del w1, w2
+            if "base_block" in names:
+                row = base_block_row(T, E, D, F, x, gy, device, dtype, args.reps)
+                emit(row)
+                rows.append(row)
             for name in routers + (["balanced:cached"] if "balanced" in routers else []):
                 name, _, variant = name.partition(":")
                 defaults = next((d for a, (r, d) in ARCHS.items() if r == name), {})
@@ -181,6 +189,27 @@ def layer_suite(args, emit):
     return rows
 
 
+def base_block_row(T, E, D, F, x, gy, device, dtype, reps):
+    """BASE's real block as base_lm builds it (``x + alpha (f_e(x) - x)``, f_e a pre-LN residual
+    sublayer, the balanced assignment solved cold) over a dense pre-LN FFN block ``x + FFN(LN(x))``."""
+    from moe_plugin.base_layer import BaseLayer
+    from moe_plugin.config import MoEConfig
+
+    torch.manual_seed(0)
+    block = BaseLayer(MoEConfig(moe_router="balanced", moe_expert_count=E, base_cold_start=True), D, F)
+    block = block.to(device, dtype).train()
+    dense = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, F), nn.ReLU(), nn.Linear(F, D)).to(device, dtype)
+    xb, xd = (x.view(T, 1, D).clone().requires_grad_() for _ in range(2))
+    gyb = gy.view(T, 1, D)
+    moe = lambda x_: block(x_)[0]  # noqa: E731
+    res = lambda x_: x_ + dense(x_)  # noqa: E731
+    t, t_dense = time_against(lambda: train_step(block, moe, xb, gyb), lambda: train_step(dense, res, xd, gyb),
+                              device, reps)
+    m, m_dense = activation_bytes(lambda: moe(xb), device, block), activation_bytes(lambda: res(xd), device, dense)
+    return {"suite": "layer", "impl": "BASE block (base_lm's) over a dense pre-LN block", "T": T, "E": E, "K": 1,
+            "D": D, "F": F, "seconds": t, "dense_seconds": t_dense, "ratio": t / t_dense, "act_ratio": m / max(m_dense, 1)}
+
+
 @contextlib.contextmanager
 def cached_assignment(active: bool):
     """BASE without the assignment: the balanced router reuses its first solution (the
@@ -205,23 +234,32 @@ def cached_assignment(active: bool):
         balanced.solve_balanced = solve
 
 
-def assignment_suite(args, emit):
-    path = os.path.join(ROOT, "scripts", "bench_assignment.py")
+def script_suite(suite, script, extra, emit):
+    """Run ``scripts/<script> --jsonl <extra>`` and pass its JSON lines on, tagged with ``suite``."""
+    path = os.path.join(ROOT, "scripts", script)
     if not os.path.exists(path):
-        emit({"suite": "assignment", "skipped": "scripts/bench_assignment.py is not there"})
+        emit({"suite": suite, "skipped": f"scripts/{script} is not there"})
         return []
-    sizes = ["--tokens", ",".join(map(str, args.T)), "--experts", ",".join(map(str, args.E))]
-    out = commands.run([sys.executable, path, "--jsonl", *sizes], check=False, merge_stderr=False)
+    out = commands.run([sys.executable, path, "--jsonl", *extra], check=False, merge_stderr=False)
     rows = []
     for line in out.stdout.splitlines():
         if line.startswith("{"):
             row = json.loads(line)
-            row["suite"] = "assignment"
+            row["suite"] = suite
             emit(row)
             rows.append(row)
     if out.returncode != 0:
-        emit({"suite": "assignment", "error": out.stderr[-500:]})
+        emit({"suite": suite, "error": out.stderr[-500:]})
     return rows
+
+
+def assignment_suite(args, emit):
+    sizes = ["--tokens", ",".join(map(str, args.T)), "--experts", ",".join(map(str, args.E))]
+    return script_suite("assignment", "bench_assignment.py", sizes, emit)
+
+
+def base_vs_fairseq_suite(args, emit):
+    return script_suite("base-vs-fairseq", "bench_base_vs_fairseq.py", [], emit)
 
 
 def e2e_suite(args, emit):
@@ -276,7 +314,7 @@ def e2e_suite(args, emit):
     return rows
 
 
-def markdown(args, layer_rows, assign_rows, e2e_rows):
+def markdown(args, layer_rows, assign_rows, e2e_rows, bvf_rows=()):
     out = [f"Machine: {machine(args.device)}; dtype {args.dtype}.", ""]
     if layer_rows:
         out += [f"### MoE layer, forward+backward, time over the dense FFN (D={args.D}, F={args.F}); "
@@ -299,15 +337,18 @@ def markdown(args, layer_rows, assign_rows, e2e_rows):
 
         out += ["### End to end: fairseq-train words/s over dense_lm (same shape; active training FLOPs/token "
                 "counted on the built model, moe_plugin.tools.flops; a FLOPs ratio more than 2% off is marked)", "",
-                "| arch | words/s | ratio | active FLOPs/token (train) | vs dense FLOPs | total params |",
-                "|---|---:|---:|---:|---:|---:|"]
+                "| arch | words/s | ratio | active FLOPs/token (train) | vs dense FLOPs | FLOPs/s ratio | total params |",
+                "|---|---:|---:|---:|---:|---:|---:|"]
         for r in e2e_rows:
             ratio = f"{r['ratio']:.2f}" if r["ratio"] else "-"
             fr = r.get("flops_ratio")
             fcell = "-" if fr is None else f"{fr:.3f}x" + (" **(>2% off)**" if abs(fr - 1) > 0.02 else "")
             fl = r.get("train_flops_per_token")
+            # words/s times FLOPs per token over dense_lm's: the compute rate, for rows whose
+            # FLOPs per token are not dense_lm's (base_lm's extra block, a K schedule)
+            rate = f"{r['ratio'] * fr:.2f}" if r["ratio"] and fr else "-"
             out.append(f"| {r['arch']} | {r['wps']:.0f} | {ratio} | {flops.human(fl) if fl else '-'} | {fcell} | "
-                       f"{r.get('total_params', 0):,} |")
+                       f"{rate} | {r.get('total_params', 0):,} |")
         out.append("")
     if assign_rows:
         out += ["### BASE's balanced assignment: CPU ms per call, ours vs fairseq.libbase (gap to the optimum, %); "
@@ -322,13 +363,27 @@ def markdown(args, layer_rows, assign_rows, e2e_rows):
             out.append(f"| {r['scores']} | {r['T']} | {r['E']} | {r['libbase_ms']:.1f} | {r['ours_ms']:.1f} | "
                        f"{r['speedup']:.1f}x | {lg} | {r['ours_gap_pct']:.4f} | {sk} |")
         out.append("")
+    summary = next((r for r in bvf_rows if r.get("kind") == "summary" and r.get("ratio") is not None), None)
+    if summary:
+        config = next((r["config"] for r in bvf_rows if r.get("kind") == "machine"), "")
+        out += ["### BASE layers end to end: moe_plugin `base_lm --moe-expert-parallel` vs fairseq `transformer_lm "
+                f"--base-layers 1` ({config}; words/s: rank 0's steady-state train_inner rate; median over "
+                f"{summary['n']['fairseq']} interleaved pairs, min-max in parentheses)", "",
+                "| side | words/s | valid loss (bits) |", "|---|---:|---:|"]
+        for side in ("fairseq", "ours"):
+            lo, hi = summary[f"{side}_wps_range"]
+            vl = summary[f"{side}_valid_loss"]
+            out.append(f"| {side} | {summary[f'{side}_wps']:.0f} ({lo:.0f}-{hi:.0f}) | "
+                       f"{'-' if vl is None else f'{vl:.3f}'} |")
+        lo, hi = summary["ratio_range"]
+        out += ["", f"ours/fairseq words/s: {summary['ratio']:.3f}x ({lo:.3f}-{hi:.3f}).", ""]
     return "\n".join(out)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ints = lambda s: [int(v) for v in s.split(",")]  # noqa: E731
-    p.add_argument("--suite", default="layer,e2e", help="comma-separated: layer, assignment, e2e")
+    p.add_argument("--suite", default="layer,e2e", help="comma-separated: layer, assignment, e2e, base-vs-fairseq")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--D", type=int, default=512)
@@ -355,7 +410,8 @@ def main(argv=None):
     layer_rows = layer_suite(args, emit) if "layer" in suites else []
     assign_rows = assignment_suite(args, emit) if "assignment" in suites else []
     e2e_rows = e2e_suite(args, emit) if "e2e" in suites else []
-    md = markdown(args, layer_rows, assign_rows, e2e_rows)
+    bvf_rows = base_vs_fairseq_suite(args, emit) if "base-vs-fairseq" in suites else []
+    md = markdown(args, layer_rows, assign_rows, e2e_rows, bvf_rows)
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(md + "\n")

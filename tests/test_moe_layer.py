@@ -221,3 +221,138 @@ def test_tokens_per_expert_equals_bincount_of_kept_ids():
 
     ids = torch.randint(-1, 7, (300, 3))
     torch.testing.assert_close(tokens_per_expert(ids, 7), torch.bincount(ids[ids >= 0], minlength=7))
+
+
+def _saved_bytes(fn, params):
+    """Bytes of the tensors autograd keeps for backward during ``fn()`` (parameters not counted)."""
+    seen, total = {p.untyped_storage().data_ptr() for p in params}, [0]
+
+    def pack(t):
+        key = t.untyped_storage().data_ptr()
+        if key not in seen and key != 0:
+            seen.add(key)
+            total[0] += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, total[0]
+
+
+@pytest.mark.parametrize("impl", ["fused", "grouped_mm"])
+@pytest.mark.parametrize("activation,p_drop", [("relu", 0.0), ("relu", 0.3), ("gelu", 0.0)])
+@pytest.mark.parametrize("K,drop", [(1, False), (2, False), (2, True)])
+def test_fused_gather_ffn_combine_equals_separate_steps_and_loop(impl, activation, p_drop, K, drop):
+    """ExpertBank.forward_combined (gather, FFN and combine in one autograd function that keeps
+    neither the gathered rows nor the expert outputs) against the separate dispatch -> bank ->
+    combine, and (without dropout) the per-token loop: output and the gradients of x, of the
+    combine weights and of every expert parameter; an expert with no rows, dropped slots and a
+    token with none kept included."""
+    torch.manual_seed(3)
+    T, D, F, E = 41, 8, 12, 5
+    bank = ExpertBank(E, D, F, activation=activation, activation_dropout=p_drop, impl=impl).train()
+    with torch.no_grad():
+        for p in bank.parameters():
+            p.normal_()
+    ids = torch.randint(0, E, (T, K))
+    ids[ids == 3] = 4  # expert 3 gets no rows
+    if drop:
+        ids[::3, 0] = -1
+        ids[5] = -1
+    w = torch.rand(T, K, requires_grad=True)
+    gy = torch.randn(T, D)
+    d = LocalDispatcher(E)
+    assert bank.combined_impl(torch.zeros(1, D)) == impl
+
+    def run(fn):
+        x = torch.randn(T, D, generator=torch.Generator().manual_seed(0)).requires_grad_()
+        for p in [w, *bank.parameters()]:
+            p.grad = None
+        torch.manual_seed(7)  # the same dropout mask on every path
+        y = fn(x)
+        y.backward(gy)
+        return [y.detach(), x.grad, w.grad.clone()] + [p.grad.clone() for p in bank.parameters()]
+
+    def separate(x):
+        x_ND, counts_E, plan = d.dispatch(x, ids)
+        return d.combine(bank(x_ND, counts_E), w, plan)
+
+    fused = run(lambda x: d.dispatch_compute_combine(x, ids, w, bank, impl))
+    for a, b in zip(fused, run(separate)):
+        torch.testing.assert_close(a, b)
+    if p_drop == 0:
+        for a, b in zip(fused, run(lambda x: reference_moe(x, ids, w, bank))):
+            torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("router_name,K", [("switch", 1), ("gshard", 2)])
+def test_layer_keeps_dense_ffn_activations_only(router_name, K):
+    """What the MoE layer keeps for backward: a dense FFN of the same active width keeps its
+    input and its hidden activation (D + F floats per token); the layer keeps its input, K
+    hidden rows per token and a few scalars per slot and token (the router's probabilities:
+    E floats). The separate dispatch -> bank -> combine path (``fuse_dispatch = False``) keeps
+    the gathered rows and the expert outputs on top: 2 K D floats per token more."""
+    torch.manual_seed(0)
+    T, D, F, E = 256, 32, 128, 4
+    router = build_router(router_cfg(router_name, moe_expert_count=E, moe_capacity_factor=INF), D).train()
+    bank = ExpertBank(E, D, F, impl="fused")
+    layer = MoELayer(router, bank).train()
+    x = torch.randn(T, D, requires_grad=True)
+    y, fused_bytes = _saved_bytes(lambda: layer(x), layer.parameters())
+    dense_bytes = 4 * T * (D + K * F)
+    # input + K hidden rows + the router's (T, E) probabilities and masks and per-slot scalars
+    # (gshard at E=4: 31 floats per token; the gathered rows alone would be 2 K D = 128)
+    assert fused_bytes <= dense_bytes + 4 * T * (4 * E + 16 * K)
+    bank.fuse_dispatch = False
+    y_sep, sep_bytes = _saved_bytes(lambda: layer(x), layer.parameters())
+    torch.testing.assert_close(y, y_sep)
+    assert sep_bytes - fused_bytes >= 4 * T * 2 * K * D * 0.95
+
+
+def test_fused_combine_with_every_slot_dropped_keeps_parameters_in_graph():
+    E, D = 3, 4
+    bank = ExpertBank(E, D, 8, impl="fused")
+    x = torch.randn(6, D, requires_grad=True)
+    ids = torch.full((6, 1), -1)
+    y = LocalDispatcher(E).dispatch_compute_combine(x, ids, torch.ones(6, 1), bank, "fused")
+    assert torch.equal(y, torch.zeros(6, D))
+    y.sum().backward()
+    assert all(p.grad is not None and torch.equal(p.grad, torch.zeros_like(p)) for p in bank.parameters())
+
+
+@pytest.mark.parametrize("impl", ["fused", "grouped_mm"])
+def test_fused_base_sublayer_equals_separate_steps(impl):
+    """BASE's one-sublayer expert f_e(x) - x = FFN_e(LN_e(x)) through the fused gather -> LN ->
+    FFN -> combine (the LayerNorm recomputed in backward) against the separate dispatch ->
+    BaseSublayerBank -> combine: output and the gradients of x, the gate weights, the
+    LayerNorm's and the FFN's parameters; one expert gets no rows, some slots are dropped."""
+    from moe_plugin.experts import BaseSublayerBank
+
+    torch.manual_seed(4)
+    T, D, F, E = 33, 8, 16, 4
+    bank = BaseSublayerBank(E, D, F, 1, impl=impl).train()
+    with torch.no_grad():
+        for p in bank.parameters():
+            p.normal_()
+    ids = torch.randint(0, E, (T, 1))
+    ids[ids == 2] = 1
+    ids[::5] = -1
+    w = torch.rand(T, 1, requires_grad=True)
+    gy = torch.randn(T, D)
+    d = LocalDispatcher(E)
+    assert bank.combined_impl(torch.zeros(1, D)) == impl
+
+    def run(fn):
+        x = (3 * torch.randn(T, D, generator=torch.Generator().manual_seed(0)) + 1).requires_grad_()
+        for p in [w, *bank.parameters()]:
+            p.grad = None
+        fn(x).backward(gy)
+        return [fn(x).detach(), x.grad, w.grad.clone()] + [p.grad.clone() for p in bank.parameters()]
+
+    def separate(x):
+        x_ND, counts_E, plan = d.dispatch(x, ids)
+        return d.combine(bank(x_ND, counts_E), w, plan)
+
+    for a, b in zip(run(lambda x: d.dispatch_compute_combine(x, ids, w, bank, impl)), run(separate)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert BaseSublayerBank(E, D, F, 2, impl=impl).combined_impl(torch.zeros(1, D)) is None

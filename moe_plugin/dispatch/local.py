@@ -49,14 +49,19 @@ class LocalDispatcher:
 
     def dispatch(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, DispatchPlan]:
         """-> (S rows sorted by expert, dropped last (S, D); kept rows per expert (E,); plan)."""
-        T, K = expert_ids_TK.shape
+        slot_N, token_N, counts_E = self._sort_slots(expert_ids_TK)
+        return x_TD.index_select(0, token_N), counts_E, DispatchPlan(token_N, slot_N, expert_ids_TK.shape[0])
+
+    def _sort_slots(self, expert_ids_TK: torch.Tensor):
+        """-> (slot_N, token_N, counts_E): the slots sorted by expert (stable), dropped ones
+        last, each sorted row's token, and the kept rows per expert."""
+        K = expert_ids_TK.shape[1]
         ids_S = expert_ids_TK.reshape(-1)
         # dropped slots sort last (key E)
         key_S = torch.where(ids_S >= 0, ids_S, torch.full_like(ids_S, self.num_experts))
         slot_N = torch.argsort(key_S, stable=True)
         token_N = slot_N if K == 1 else torch.div(slot_N, K, rounding_mode="floor")
-        counts_E = tokens_per_expert(expert_ids_TK, self.num_experts)
-        return x_TD.index_select(0, token_N), counts_E, DispatchPlan(token_N, slot_N, T)
+        return slot_N, token_N, tokens_per_expert(expert_ids_TK, self.num_experts)
 
     def combine(self, y_ND: torch.Tensor, weights_TK: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """Weighted sum of each token's expert outputs -> (T, D).
@@ -69,3 +74,13 @@ class LocalDispatcher:
         w_n = weights_TK.reshape(-1).index_select(0, slot_n).to(y_ND.dtype)
         out_TD = y_ND.new_zeros(plan.num_tokens, y_ND.shape[1])
         return out_TD.index_add(0, token_n, y_ND * w_n.unsqueeze(1))
+
+    def dispatch_compute_combine(self, x_TD: torch.Tensor, expert_ids_TK: torch.Tensor, weights_TK: torch.Tensor,
+                                 experts, impl: str) -> torch.Tensor:
+        """``combine(experts(dispatch(x)))`` in one step: the same permutation, but the bank's
+        :meth:`~moe_plugin.experts.ExpertBank.forward_combined` gathers, computes and scatters
+        without keeping the gathered rows or the expert outputs for backward -> (T, D)."""
+        slot_N, token_N, counts_E = self._sort_slots(expert_ids_TK)
+        w_N = weights_TK.reshape(-1).index_select(0, slot_N).to(x_TD.dtype)
+        return experts.forward_combined(x_TD, w_N, token_N, counts_E, impl)
+

@@ -482,8 +482,11 @@ class BalancedRouter(Router):
             stats["auction_rounds"] = torch.zeros((), device=dev)
         routed_T = expert_T >= 0
         safe_T = expert_T.clamp(min=0)
-        # alpha = sigmoid(h . w_e): the gate with gradient to h and to the centroids
-        alpha_T = torch.sigmoid((x_TD * self.expert_centroids[safe_T].to(x_TD.dtype)).sum(-1))
+        # alpha = sigmoid(h . w_e): the gate with gradient to h and to the centroids. Read off
+        # the (T, E) products rather than a gathered (T, D) copy of the centroids, which
+        # backward would have to keep (the matmul keeps only h, which the layer keeps anyway)
+        logit_T = (x_TD @ self.expert_centroids.to(x_TD.dtype).t()).gather(1, safe_T[:, None]).squeeze(1)
+        alpha_T = torch.sigmoid(logit_T)
         weights_TK = (alpha_T * routed_T.to(alpha_T.dtype)).unsqueeze(1)
         stats["tokens_per_expert"] = torch.bincount(expert_T[routed_T], minlength=E)
         stats["affinity"] = scores_TE.gather(1, safe_T[:, None]).squeeze(1)[routed_T].sum()
