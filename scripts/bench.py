@@ -290,8 +290,10 @@ def e2e_suite(args, emit):
     for arch in archs:
         extra = []
         if arch in ARCHS:
-            k = int(ARCHS[arch][1].get("moe_top_k", 1))
-            extra = ["--moe-expert-count", str(args.e2e_experts), "--moe-expert-ffn-dim", str(F // k),
+            router, defaults = ARCHS[arch]
+            # experts of hidden F / (experts per token): K, or expert choice's capacity factor
+            k = float(defaults.get("moe_capacity_factor", 1)) if router == "expert_choice" else int(defaults.get("moe_top_k", 1))
+            extra = ["--moe-expert-count", str(args.e2e_experts), "--moe-expert-ffn-dim", str(int(F // k)),
                      *[a.format(max_update=args.e2e_updates) for a in DEMO_ARGS.get(arch, [])]]
         flags = [*common, "--arch", arch, *extra]
         proc = commands.run([sys.executable, "-m", "fairseq_cli.train", *flags], check=False)
