@@ -1,23 +1,10 @@
-"""scripts/bench_base_vs_fairseq.py (BASE layers, moe_plugin vs fairseq's own --base-layers):
+"""moe_plugin/tools/base_vs_fairseq.py (scripts/bench_base_vs_fairseq.py; BASE layers, moe_plugin vs fairseq's own --base-layers):
 its log parser on real fairseq-train output, and the two sides' command lines (cheap: no
 training here; the measurement itself is `python scripts/bench.py --suite base-vs-fairseq`)."""
 
-import importlib.util
-import os
-
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-bench = _load("bench_base_vs_fairseq")
+from moe_plugin.tools import base_vs_fairseq as bench
 
 # rank 0 of a real 2-rank run of each side (default config, 80 updates; lines cut out of the log)
 FAIRSEQ_LOG = """\
@@ -131,16 +118,3 @@ def test_summary_pairs_the_interleaved_runs():
     args = bench.build_parser().parse_args([])
     md = bench.markdown(args, [dict(r, summary_wps=None, params=None, seconds=1.0) for r in runs], s, [])
     assert "1.350x (1.200-1.500)" in md and "+0.010 bits" in md
-
-
-def test_bench_suite_markdown():
-    """scripts/bench.py --suite base-vs-fairseq: its markdown block from the script's rows."""
-    main_bench = _load("bench")
-    s = bench.summarize([
-        {"side": "fairseq", "repeat": 1, "wps": 100.0, "valid_loss": 9.0},
-        {"side": "ours", "repeat": 1, "wps": 130.0, "valid_loss": 9.0},
-    ])
-    rows = [{"kind": "machine", "config": "cfg"}, s]
-    args = main_bench.argparse.Namespace(device="cpu", dtype="fp32")
-    md = main_bench.markdown(args, [], [], [], rows)
-    assert "ours/fairseq words/s: 1.300x (1.300-1.300)" in md and "| fairseq | 100 (100-100) | 9.000 |" in md

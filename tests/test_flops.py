@@ -208,8 +208,9 @@ def test_flops_match_torch_flop_counter(models, name):
     report = F.flops_per_token(model, L, tokens_per_batch=T)
     ev = report.components["eval"]
     base_layers = sum(isinstance(m, BaseLayer) for m in model.modules())
-    # the one difference: BASE's gate dot product (module docstring)
-    assert total == pytest.approx(T * (report.active_flops_per_token["eval"] - base_layers * 2 * D), rel=1e-9)
+    # the one difference: BASE's gate, counted as the method's dot product (2 D) and computed as
+    # the (T, E) products h W^T (2 D E, which the counter sees; module docstring)
+    assert total == pytest.approx(T * (report.active_flops_per_token["eval"] + base_layers * (GATE - 2 * D)), rel=1e-9)
     attn = sum(v for k, v in per_module.items() if k.endswith(".self_attn"))
     assert attn == pytest.approx(T * (ev["attention_proj"] + ev["attention_scores"]), rel=1e-9)
     out = sum(v for k, v in per_module.items() if k.endswith(("decoder.output_projection", "decoder.project_out_dim")))

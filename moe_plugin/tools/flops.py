@@ -50,8 +50,10 @@ Components (FLOPs per token, :data:`COMPONENTS`):
   ``2 (Q H + H E (D + 1))`` FLOPs are amortised over ``tokens_per_batch`` tokens (a
   parameter; the report keeps the unamortised figure in ``per_forward_flops``).
 * ``base_block``: each BASE layer, an extra block with no attention: its centroid
-  affinities ``2 * D * E``, the gate ``sigmoid(h . w_e)`` (``2 * D``; a row-wise dot
-  product, which torch's FLOP counter does not see) and one expert's S sublayers
+  affinities ``2 * D * E``, the gate ``sigmoid(h . w_e)`` (``2 * D``: the method's cost, one
+  dot product; the implementation reads it off the (T, E) products ``h W^T``, ``2 * D * E``,
+  so that backward keeps no gathered copy of the centroids; that matmul, which torch's FLOP
+  counter sees, is not what is counted here) and one expert's S sublayers
   ``S * 2 * 2 * D * F`` (every token goes to exactly one expert, in training and evaluation).
 * ``embeddings``: fairseq's input projection ``project_in_dim`` (when the input dim differs
   from the embedding dim); the token lookup itself is free.
