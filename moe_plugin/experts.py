@@ -465,7 +465,7 @@ class _FusedDispatchFFN(torch.autograd.Function):
         g_lnw = g_lnb = None
         if ln:  # g_xn is dL/dz, z = xhat * ln_w_e + ln_b_e
             if grouped:
-                g_lnw = (g_xn * xhat_nD).new_zeros(E + 1, D).index_add_(0, expert_n, g_xn * xhat_nD)[:E]
+                g_lnw = g_xn.new_zeros(E + 1, D).index_add_(0, expert_n, g_xn * xhat_nD)[:E]
                 g_lnb = g_xn.new_zeros(E + 1, D).index_add_(0, expert_n, g_xn)[:E]
                 g_xn = g_xn * _pad_rows(ln_w_ED).index_select(0, expert_n)
             else:
@@ -507,6 +507,19 @@ def _expert_layer_norm(x_nD, ln_w_ED, ln_b_ED, starts, expert_n):
                 r = slice(starts[e], starts[e + 1])
                 torch.addcmul(ln_b_ED[e], xhat_nD[r], ln_w_ED[e], out=z_nD[r])
     return z_nD, xhat_nD, mean_n1, rstd_n1
+
+
+def _combined(owner: nn.Module, bank: "ExpertBank", x_TD, w_N, token_N, counts_E, impl: str, p_drop: float, ln=None):
+    """:class:`_FusedDispatchFFN` over ``bank``'s weights (and BASE's LayerNorm ``ln``), cast to
+    the input's dtype; no rows at all: zeros, every parameter of ``owner`` kept in the graph."""
+    if token_N.shape[0] == 0:
+        return x_TD.new_zeros(x_TD.shape) + 0.0 * sum(p.sum() for p in owner.parameters())
+    dt = x_TD.dtype
+    w1, b1, w2, b2 = (p.to(dt) for p in (bank.w1_EDF, bank.b1_EF, bank.w2_EFD, bank.b2_ED))
+    ln_w, ln_b = (None, None) if ln is None else (p.to(dt) for p in ln)
+    sizes = counts_E.tolist() if impl == "fused" else None
+    return _FusedDispatchFFN.apply(x_TD.contiguous(), w_N, token_N, w1, b1, w2, b2, sizes, counts_E,
+                                   bank.activation_name, p_drop, ln_w, ln_b)
 
 
 def _pad_rows(b_EX: torch.Tensor) -> torch.Tensor:
@@ -613,15 +626,8 @@ class ExpertBank(nn.Module):
         token, ``w_N[r]`` their combine weight, ``counts_E[e]`` rows for expert e, then the
         tail of dropped rows) -> (T, D), without keeping the gathered rows for backward
         (:class:`_FusedDispatchFFN`). ``impl``: :meth:`combined_impl`'s answer."""
-        T, D = x_TD.shape
-        if token_N.shape[0] == 0:
-            return x_TD.new_zeros(T, D) + 0.0 * sum(p.sum() for p in self.parameters())
         p_drop = self.activation_dropout if self.training else 0.0
-        dt = x_TD.dtype
-        w1, b1, w2, b2 = (p.to(dt) for p in (self.w1_EDF, self.b1_EF, self.w2_EFD, self.b2_ED))
-        sizes = counts_E.tolist() if impl == "fused" else None
-        return _FusedDispatchFFN.apply(x_TD.contiguous(), w_N, token_N, w1, b1, w2, b2, sizes, counts_E,
-                                       self.activation_name, p_drop)
+        return _combined(self, self, x_TD, w_N, token_N, counts_E, impl, p_drop)
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """x_ND: rows sorted by expert, ``counts_E[e]`` rows for expert e (then the tail).
@@ -813,15 +819,8 @@ class BaseSublayerBank(nn.Module):
     def forward_combined(self, x_TD: torch.Tensor, w_N: torch.Tensor, token_N: torch.Tensor,
                          counts_E: torch.Tensor, impl: str) -> torch.Tensor:
         """``out_t = sum_r w_r (f_e(r)(x_t) - x_t)`` (:meth:`ExpertBank.forward_combined`)."""
-        T, D = x_TD.shape
-        if token_N.shape[0] == 0:
-            return x_TD.new_zeros(T, D) + 0.0 * sum(p.sum() for p in self.parameters())
-        bank, dt = self.ffns[0], x_TD.dtype
-        w1, b1, w2, b2 = (p.to(dt) for p in (bank.w1_EDF, bank.b1_EF, bank.w2_EFD, bank.b2_ED))
-        ln_w, ln_b = (p[:, 0].to(dt) for p in (self.ln_weight_ESD, self.ln_bias_ESD))
-        sizes = counts_E.tolist() if impl == "fused" else None
-        return _FusedDispatchFFN.apply(x_TD.contiguous(), w_N, token_N, w1, b1, w2, b2, sizes, counts_E,
-                                       bank.activation_name, 0.0, ln_w, ln_b)
+        return _combined(self, self.ffns[0], x_TD, w_N, token_N, counts_E, impl, 0.0,
+                         ln=(self.ln_weight_ESD[:, 0], self.ln_bias_ESD[:, 0]))
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """x_ND: rows sorted by expert, ``counts_E[e]`` rows for expert e -> f(x) - x, (N, D)."""

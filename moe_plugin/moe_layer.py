@@ -153,14 +153,15 @@ class MoELayer(nn.Module):
         """dispatch -> experts -> combine for one routing decision -> (T, D) (then the
         expert norm, if any), plus the shared experts on the rows ``tokens`` does not mark as
         padding (every row without ``tokens``)."""
+        combined = self._combined_impl(x_TD)
         if isinstance(self.experts, SegmentedExpertBank):
             # MultiHash: one one-slot dispatch per segment, inside the bank
             y_TD = self.experts.forward_segments(x_TD, route.expert_ids_TK, self.dispatcher)
-        elif self._combined_impl(x_TD) is not None:
+        elif combined is not None:
             # gather -> FFN -> combine in one function: the gathered rows and the expert
             # outputs are not kept for backward (ExpertBank.forward_combined)
             y_TD = self.dispatcher.dispatch_compute_combine(
-                x_TD, route.expert_ids_TK, route.weights_TK, self.experts, self._combined_impl(x_TD))
+                x_TD, route.expert_ids_TK, route.weights_TK, self.experts, combined)
         else:
             x_ND, counts_E, plan = self.dispatcher.dispatch(x_TD, route.expert_ids_TK)
             y_ND = self.experts(x_ND, counts_E)
