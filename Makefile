@@ -11,7 +11,7 @@ FAIRSEQ_DIST ?= fairseq-fixed==0.12.3.1
 # --no-deps so it never pulls torchaudio, and --no-build-isolation so its build uses
 # the torch already here instead of downloading a CUDA one).
 RUNTIME_DEPS := hydra-core==1.3.2 omegaconf==2.3.0 fairscale==0.4.13 sacrebleu bitarray \
-	regex cython cffi numpy scikit-learn tqdm packaging scipy matplotlib pyyaml
+	regex cython cffi "numpy>=1.26.4,<2" scikit-learn tqdm packaging scipy matplotlib pyyaml
 TEST_DEPS := pytest hypothesis
 DEMO_ARGS ?=
 
@@ -19,7 +19,8 @@ DEMO_ARGS ?=
 
 install: $(STAMP)
 
-$(STAMP): setup.py
+# The stamp depends on this Makefile too, so a changed dependency list reaches an existing .venv.
+$(STAMP): setup.py Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade --quiet pip setuptools wheel
 	@# keep an existing torch >= 2.1 (e.g. a CUDA build); otherwise the pinned CPU one

@@ -12,7 +12,9 @@ setup(
         "omegaconf==2.3.0",
         "fairscale==0.4.13",
         "sacrebleu",
-        "numpy",
+        # fairseq 0.12 uses np.compat (removed in numpy 2) in its LM data path: generation
+        # and --sample-break-mode eos need numpy 1.x.
+        "numpy>=1.26.4,<2",
         "scipy",
     ],
     extras_require={"test": ["pytest", "hypothesis"], "plots": ["matplotlib"]},

@@ -122,6 +122,10 @@ class MoELayer(nn.Module):
             raise RuntimeError(
                 f"MoE layer got {x_TD.shape[0]} hidden states but {tokens.ids_T.shape[0]} token ids"
             )
+        if tokens is not None and tokens.incremental:
+            refusal = self.router.causal_refusal()  # a mode that reads later tokens cannot generate
+            if refusal:
+                raise ValueError(refusal)
         if self.router.needs_tokens and tokens is None:
             raise RuntimeError(f"the {self.router.name} router needs token ids, and none reached the layer")
         route = self.router(x_TD, tokens=tokens)

@@ -196,13 +196,14 @@ def test_training_balances_and_evaluation_is_greedy():
     assert route.stats["tokens_per_expert"][0] > 16
 
 
-def test_eval_balanced_option_and_incremental_is_greedy():
+def test_eval_balanced_option_and_generation_refusal():
+    """Balanced in evaluation reads the whole batch: generation refuses it (tests/test_generation.py
+    runs the refusal through fairseq); the default greedy evaluation may generate."""
     layer = make_layer(E=4, base_eval_balanced=True).eval()
     x_TD = torch.randn(64, D) + 2.0 * layer.moe.router.expert_centroids[0].detach()
     assert (layer.moe.router(x_TD).stats["tokens_per_expert"] == 16).all()
-    tok = dataclasses.replace(token_info(torch.randint(4, 40, (64, 1))), incremental=True)
-    scores = x_TD @ layer.moe.router.expert_centroids.t()
-    assert torch.equal(layer.moe.router(x_TD, tokens=tok).expert_ids_TK[:, 0], scores.argmax(1))
+    assert layer.moe.router.causal_refusal().startswith("--base-eval-balanced: refused for generation")
+    assert make_layer(E=4).moe.router.causal_refusal() is None
 
 
 def test_warm_start_prices_are_not_model_state():
@@ -314,18 +315,6 @@ def test_bad_options_are_one_clear_error(tiny_corpus, extra, option):
     with pytest.raises(ValueError) as err:
         build(data_bin, "base_lm", "--decoder-layers", "2", *extra)
     assert str(err.value).startswith(option) and "allowed" in str(err.value), str(err.value)
-
-
-def test_incremental_decoding_equals_full_forward(tiny_corpus):
-    _, data_bin = tiny_corpus
-    task, model = build(data_bin, "base_lm", "--decoder-layers", "2", "--base-layers", "2", "--moe-expert-count", "4")
-    model.eval()
-    src = torch.randint(4, len(task.dictionary), (2, 9))
-    with torch.no_grad():
-        full = model(src)[0]
-        state = {}
-        steps = [model.decoder(src[:, : t + 1], incremental_state=state)[0] for t in range(src.shape[1])]
-    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------- fairseq's BaseLayer

@@ -205,6 +205,48 @@ def test_merged_checkpoint_loads_in_one_process(ep_run, tmp_path):
     assert torch.equal(layer.experts.w1_EDF.data[2:], shard1["decoder.layers.1.fc1.experts.w1_EDF"])
 
 
+def test_resharded_checkpoint_generates_as_the_one_process_run(ep_run, tmp_path):
+    """docs/distributed.md: an expert-parallel checkpoint generates after ``reshard --world-size 1``;
+    the hub interface's greedy continuation and its scores equal the one-process run's."""
+    from fairseq.models.transformer_lm import TransformerLanguageModel
+
+    (merged,) = reshard_mod.reshard(os.path.join(ep_run["ep_dir"], "checkpoint_last.pt"), 1, str(tmp_path),
+                                    log=lambda *_: None)
+    ref = os.path.join(ep_run["ref_dir"], "checkpoint_last.pt")
+    out = []
+    for path in (merged, ref):
+        lm = TransformerLanguageModel.from_pretrained(os.path.dirname(path), os.path.basename(path),
+                                                      data_name_or_path=ep_run["data_bin"], user_dir=USER_DIR)
+        (hyp,) = lm.generate(lm.encode("w1 w2 w3"), beam=1, max_len_b=6, min_len=4)[:1]
+        out.append(hyp)
+    assert torch.equal(out[0]["tokens"], out[1]["tokens"]) and len(out[0]["tokens"]) > 4
+    torch.testing.assert_close(out[0]["positional_scores"], out[1]["positional_scores"], atol=1e-4, rtol=0)
+
+
+def test_upcycled_checkpoint_trains_expert_parallel_as_one_process(ep_run, tmp_path_factory, tmp_path):
+    """docs/upcycling.md: upcycle a dense_lm checkpoint, reshard it for 2 ranks, restore it with
+    fairseq's --reset-* flags: the losses equal one process's --finetune-from-model run with
+    --update-freq 2 at every update."""
+    from moe_plugin.tools import upcycle
+
+    data_bin = ep_run["data_bin"]
+    dense, _ = _e2e_runs.trained(tmp_path_factory, data_bin, "dense_lm")
+    one = upcycle.upcycle(dense, "switch_lm", str(tmp_path / "up" / "upcycled.pt"), ["--moe-expert-count", "4"],
+                          log=lambda *_: None)
+    shards = reshard_mod.reshard(one, 2, str(tmp_path / "ep_in"), log=lambda *_: None)
+    assert [os.path.basename(p) for p in shards] == ["upcycled-rank-0.pt", "upcycled-rank-1.pt"]
+    args = [data_bin, *TRAIN, *MODEL, "--arch", "switch_lm", "--max-update", "2"]
+    ep = launch(2, "train", *args, "--moe-expert-parallel", "--save-dir", tmp_path / "ep",
+                "--restore-file", tmp_path / "ep_in" / "upcycled.pt", "--reset-optimizer", "--reset-lr-scheduler",
+                "--reset-meters", "--reset-dataloader")
+    ref = run_cli("train", *args, "--cpu", "--update-freq", "2", "--save-dir", tmp_path / "ref",
+                  "--finetune-from-model", one)
+    log = ep.stdout + ep.stderr
+    assert "upcycled-rank-1.pt (epoch 1 @ 0 updates)" in log
+    got, want = losses_by_update(log), losses_by_update(ref.stdout + ref.stderr)
+    assert sorted(got) == [1, 2] and got == want
+
+
 def test_checkpoint_without_layout_metadata_still_loads(ep_run, tmp_path):
     """Checkpoints written before the metadata existed: layout read from tensor shapes."""
     (merged,) = reshard_mod.reshard(os.path.join(ep_run["ep_dir"], "checkpoint_last.pt"), 1, str(tmp_path),

@@ -8,12 +8,15 @@ checkpoint. Checked here through the real command-line tools (subprocesses), and
 contract (tests/test_router_contract.py) on the same router registered in this process.
 """
 
+import sys
+
 import torch
 
 import pytest
 
 import moe_plugin  # noqa: F401
 from moe_plugin.routing import ROUTER_OPTIONS, ROUTER_REGISTRY
+from moe_plugin.tools import commands
 from tests import test_router_contract as contract
 from tests.conftest import TINY_MODEL, TINY_TRAIN, USER_DIR, eval_lm_loss, run_cli
 
@@ -85,6 +88,11 @@ def test_router_from_a_user_dir_trains_and_evaluates_through_fairseq(tiny_corpus
                  "--gen-subset", "valid", "--num-workers", "0")
     loss = eval_lm_loss(ev.stdout + ev.stderr)
     assert 0 < loss < 20
+    # its options are listed for its arch, with their defaults
+    listed = commands.run([sys.executable, "-m", "moe_plugin.options", "--user-dir", user_dir, "--arch", "mine_lm"],
+                          merge_stderr=False).stdout
+    assert "router mine (this arch's router):" in listed
+    assert any(line.split()[:2] == ["--mine-alpha", "1.0"] for line in listed.splitlines())
 
 
 @pytest.fixture

@@ -285,28 +285,36 @@ def test_balanced_table_load_default_synthetic_dictionary(tmp_path_factory, expe
 # ---------------------------------------------------------------------------------------
 
 
-def test_table_file_is_used_and_state_dict_makes_it_unneeded(tmp_path):
+def test_table_file_is_used_and_a_loaded_state_dict_never_reads_it(tmp_path):
     path, table = table_file(tmp_path, multi=2)
     r = make("dispersed", tmp_path, hash_table=path, hash_multi=2)
-    assert torch.equal(r.table_VN, table)
     ids = batch()
     want = r(torch.randn(21, D), tokens=token_info(ids)).expert_ids_TK
-    # a model rebuilt where the file no longer exists routes by the loaded state_dict
+    assert torch.equal(r.table_VN, table)  # read at the first forward
+    assert torch.equal(make("dispersed", tmp_path, hash_table=path, hash_multi=2).state_dict()["table_VN"], table)
+    # a model rebuilt where the file is gone refuses to route until a state_dict brings the table
     os.remove(path)
     r2 = make("dispersed", tmp_path, hash_table=path, hash_multi=2)
-    with pytest.raises(ValueError, match="--hash-table"):
+    with pytest.raises(ValueError, match="--hash-table: .* does not exist, and no checkpoint supplied"):
         r2(torch.randn(21, D), tokens=token_info(ids))
     r2.load_state_dict(r.state_dict())
     assert torch.equal(r2(torch.randn(21, D), tokens=token_info(ids)).expert_ids_TK, want)
+    # ... and one loaded from a state_dict never reads the file at the path, even an unreadable one
+    with open(path, "w") as f:
+        f.write("not a table\n")
+    r3 = make("dispersed", tmp_path, hash_table=path, hash_multi=2)
+    r3.load_state_dict(r.state_dict())
+    assert torch.equal(r3(torch.randn(21, D), tokens=token_info(ids)).expert_ids_TK, want)
 
 
 @pytest.mark.parametrize("shape,experts,match", [((V + 1, 1), E, r"\(61, 1\) table"), ((V, 2), E, "--hash-multi"),
                                                  ((V, 1), E + 3, r"allowed: 0\.\.3")])
-def test_bad_table_files_fail_at_build(tmp_path, shape, experts, match):
+def test_bad_table_files_are_refused_at_first_use(tmp_path, shape, experts, match):
     path = tmp_path / "bad.txt"
     hashed.write_table_file(str(path), torch.randint(experts, shape), "")
+    r = make("clustered", tmp_path, hash_table=str(path))
     with pytest.raises(ValueError, match=match):
-        make("clustered", tmp_path, hash_table=str(path))
+        r(torch.randn(21, D), tokens=token_info(batch()))
 
 
 def test_oracle_refuses_inference(tmp_path):
@@ -510,6 +518,37 @@ def build_fairseq(data_bin, *extra):
     return task, task.build_model(cfg.model)
 
 
+def test_missing_table_file_is_refused_when_the_command_line_is_parsed(tiny_corpus, tmp_path):
+    """fairseq-train's parse (before any data is loaded or model built) refuses a missing
+    --hash-table with one line naming it; a file that exists passes."""
+    _, data_bin = tiny_corpus
+    missing = str(tmp_path / "nonexistent.tsv")
+    with pytest.raises(ValueError) as err:
+        options.parse_args_and_arch(options.get_training_parser(), [
+            data_bin, "--task", "language_modeling", "--user-dir", USER_DIR, "--arch", "hash_lm",
+            "--hash-type", "clustered", "--hash-table", missing])
+    assert str(err.value).startswith(f"--hash-table: {missing!r} does not exist; allowed: an existing file")
+    path, _ = table_file(tmp_path)
+    options.parse_args_and_arch(options.get_training_parser(), [
+        data_bin, "--task", "language_modeling", "--user-dir", USER_DIR, "--arch", "hash_lm",
+        "--hash-type", "clustered", "--hash-table", path])
+
+
+def test_model_saved_before_a_forward_carries_the_table_and_loading_never_reads_the_file(tiny_corpus, tmp_path):
+    _, data_bin = tiny_corpus
+    n_vocab = sum(1 for _ in open(os.path.join(data_bin, "dict.txt"))) + 4
+    path, table = table_file(tmp_path, size=n_vocab, experts=4)
+    flags = ["--hash-type", "clustered", "--moe-expert-count", 4]
+    _, model = build_fairseq(data_bin, *flags, "--hash-table", path)
+    state = model.state_dict()  # no forward yet: the table is read for the save, before its checksum
+    garbage = tmp_path / "garbage.txt"
+    garbage.write_text("not a table\n")
+    _, other = build_fairseq(data_bin, *flags, "--hash-table", str(garbage))
+    other.load_state_dict(state)  # fairseq's load: the layout's checksums are verified
+    ((_, layer),) = other.moe_layers()
+    assert torch.equal(layer.router.table_VN, table) and not layer.router._table_pending
+
+
 def test_default_placement_is_one_layer(tiny_corpus):
     from argparse import Namespace
 
@@ -562,17 +601,6 @@ def test_incremental_decoding_equals_full_forward(tiny_corpus, tmp_path, hash_ty
 
 def _tokens(src, task):
     return token_info(src, pad=task.dictionary.pad())
-
-
-def test_oracle_model_refuses_incremental_decoding(tiny_corpus):
-    _, data_bin = tiny_corpus
-    task, model = build_fairseq(data_bin, "--hash-type", "oracle")
-    model.eval()
-    src = torch.randint(4, len(task.dictionary), (2, 5))
-    with torch.no_grad():
-        model(src)  # full forward (validation) is allowed
-        with pytest.raises(ValueError, match="oracle"):
-            model.decoder(src[:, :1], incremental_state={})
 
 
 def test_seed_through_fairseq_follows_seed_unless_hash_seed(tiny_corpus):

@@ -20,7 +20,7 @@ PACKAGE = os.path.join(ROOT, "moe_plugin")
 CORE = ("moe_plugin.config", "moe_plugin.routing", "moe_plugin.losses", "moe_plugin.experts", "moe_plugin.dispatch",
         "moe_plugin.moe_layer", "moe_plugin.base_layer", "moe_plugin.utils")
 SHELL = ("moe_plugin.models", "moe_plugin.criterions")
-TOOLS = ("moe_plugin.tools",)
+TOOLS = ("moe_plugin.tools", "moe_plugin.options")
 EXPERIMENTS = ("moe_plugin.experiments",)
 FAIRSEQ = ("fairseq", "fairseq_cli", "fairscale")
 

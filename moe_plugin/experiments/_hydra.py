@@ -9,7 +9,7 @@ every field (:func:`yaml_for_command`).
 import os
 import shlex
 import sys
-from typing import List
+from typing import Dict, List, Tuple
 
 from moe_plugin.experiments._plan import ROOT, SCALES, Plan, Run, train_args, train_command
 
@@ -20,6 +20,7 @@ from moe_plugin.experiments._plan import ROOT, SCALES, Plan, Run, train_args, tr
 
 #: fields holding paths: written relative to the directory fairseq-hydra-train starts in
 PATH_FIELDS = (("common", "user_dir"), ("task", "data"), ("checkpoint", "save_dir"), ("model", "hash_table"),
+               ("checkpoint", "finetune_from_model"),
                ("common", "log_file"), ("common", "tensorboard_logdir"))
 #: the config groups fairseq-hydra-train composes
 CFG_GROUPS = ("common", "common_eval", "distributed_training", "dataset", "optimization", "checkpoint", "bmuf",
@@ -28,16 +29,37 @@ CFG_GROUPS = ("common", "common_eval", "distributed_training", "dataset", "optim
 NAMED_GROUPS = ("task", "model", "criterion", "optimizer", "lr_scheduler")
 
 
+def files_written_later(args: List[str]) -> Tuple[List[str], Dict[str, str]]:
+    """``args`` with every file option whose file does not exist yet (a hash table an earlier step
+    of the experiment writes from the dense run) set to ``os.devnull``, which fairseq-train's
+    existence check accepts; and {field: the path} of those."""
+    import dataclasses
+
+    from moe_plugin import config as moe_config
+
+    args, later = [str(a) for a in args], {}
+    for f in dataclasses.fields(moe_config.moe_config_class()):
+        flag = "--" + f.name.replace("_", "-")
+        if "path" in f.metadata and flag in args[:-1]:
+            i = args.index(flag) + 1
+            if not os.path.exists(args[i]):
+                later[f.name], args[i] = args[i], os.devnull
+    return args, later
+
+
 def cli_config(args: List[str]) -> dict:
-    """The resolved config fairseq-train builds from ``args`` (its own parser and converter)."""
+    """The resolved config fairseq-train builds from ``args`` (its own parser and converter);
+    a file an earlier step writes is named as it will be (:func:`files_written_later`)."""
     from fairseq import options
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
     from omegaconf import OmegaConf
 
+    args, later = files_written_later(args)
     parser = options.get_training_parser()
-    ns = options.parse_args_and_arch(parser, input_args=list(args))
-    cfg = convert_namespace_to_omegaconf(ns)
-    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    ns = options.parse_args_and_arch(parser, input_args=args)
+    cfg = OmegaConf.to_container(convert_namespace_to_omegaconf(ns), resolve=True, enum_to_str=True)
+    cfg["model"].update(later)
+    return cfg
 
 
 def hydra_config(config_dir: str, config_name: str, overrides=(), resolve: bool = True, runtime_cwd: str = ROOT):

@@ -37,6 +37,7 @@ on the command line.
 
 import argparse
 import dataclasses
+import os
 from typing import Callable, Dict, List, Optional, Tuple
 
 from fairseq.models import register_model, register_model_architecture
@@ -123,6 +124,18 @@ class _GivenOptions:
         setattr(self._cfg, name, value)
 
 
+def check_path_options(args) -> None:
+    """Refuse a file option (an MoE field whose metadata has ``"path"``) naming a missing file,
+    while fairseq-train parses its command line: before any data is loaded or model built. Only
+    the command line is checked: a model built from a checkpoint's saved config takes the file's
+    content from the checkpoint (the hash table is a buffer) and never reads the file."""
+    for f in dataclasses.fields(moe_config.moe_config_class()):
+        value = getattr(args, f.name, None)
+        if "path" in f.metadata and value and not os.path.exists(value):
+            raise ValueError(f"--{f.name.replace('_', '-')}: {value!r} does not exist; allowed: an existing file "
+                             f"({f.metadata['path']})")
+
+
 def make_arch_function(arch_name: str, router: Optional[str], defaults: dict) -> Callable:
     """The arch function of ``arch_name``: its router and default options, then the MoE core
     defaults and fairseq's ``base_lm_architecture``, which every arch (dense_lm included)
@@ -150,6 +163,7 @@ def make_arch_function(arch_name: str, router: Optional[str], defaults: dict) ->
             if getattr(args, f.name, None) is None and f.default is not None:
                 setattr(args, f.name, f.default)
         if isinstance(cfg, argparse.Namespace):  # the command line, before fairseq converts it
+            check_path_options(cfg)
             ep_glue.prepare_args(cfg)
             # before base_lm_architecture, which would make an unset --base-layers 0
             base_glue.derive_from_command_line(cfg)

@@ -329,6 +329,10 @@ class MoELanguageModel(TransformerLanguageModel):
     # Checkpoint layout (expert count, router, which experts this rank holds): saved as the
     # model's extra state, checked before any tensor is loaded (moe_plugin/models/checkpoint_layout.py).
     def get_extra_state(self):
+        # a saved state_dict computes this first: lazily read router state (a hash table file)
+        # goes in before the checksums are taken (never on load: set_extra_state reads no file)
+        for _, layer in self.moe_layers():
+            layer.router.materialize()
         return ep_layout.model_layout(self)
 
     def set_extra_state(self, state):

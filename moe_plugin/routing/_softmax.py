@@ -131,6 +131,13 @@ class SoftmaxRouter(Router):
         self.forward_tokens: Optional[TokenInfo] = None
         self.forward_valid_T: Optional[torch.Tensor] = None
 
+    def causal_refusal(self) -> Optional[str]:
+        if math.isinf(self.eval_capacity_factor):
+            return None
+        return (f"--moe-eval-capacity-factor: {self.eval_capacity_factor} is refused for generation (incremental "
+                "decoding): a finite evaluation capacity drops tokens by the load of the whole batch, later tokens "
+                "included, so a step would route differently from the full forward; allowed: inf (the default)")
+
     @classmethod
     def balance_scope_supported(cls, cfg) -> bool:
         """``--moe-balance-scope global`` works where the loss is Switch's over first choices."""

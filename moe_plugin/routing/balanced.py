@@ -386,7 +386,7 @@ class BalancedOptions:
         metadata={
             "help": "base_lm: balanced assignment also in evaluation (default: greedy top-1 as "
             "in the paper; balancing lets a token's expert depend on the other tokens of the "
-            "batch, future ones included); incremental decoding is always greedy"
+            "batch, future ones included); generation (incremental decoding) refuses it"
         },
     )
     base_eps: float = field(
@@ -446,6 +446,13 @@ class BalancedRouter(Router):
         finally:
             self._replay_expert_T = previous
 
+    def causal_refusal(self) -> Optional[str]:
+        if not self.eval_balanced:
+            return None
+        return ("--base-eval-balanced: refused for generation (incremental decoding): the balanced assignment of "
+                "evaluation is solved over the whole batch, later tokens included, so a step would route "
+                "differently from the full forward; allowed: off (greedy: each token to its best expert)")
+
     @staticmethod
     def validate(cfg) -> None:
         if cfg.moe_top_k != 1:
@@ -457,7 +464,6 @@ class BalancedRouter(Router):
         T, E = x_TD.shape[0], self.num_experts
         dev = x_TD.device
         valid_T = ~tokens.pad_mask_T if tokens is not None else torch.ones(T, dtype=torch.bool, device=dev)
-        incremental = tokens is not None and tokens.incremental
         with torch.no_grad():
             scores_TE = x_TD.detach().float() @ self.expert_centroids.detach().float().t()
         expert_T = torch.full((T,), DROPPED, dtype=torch.long, device=dev)
@@ -467,7 +473,7 @@ class BalancedRouter(Router):
             # a recompute under activation checkpointing: the recorded assignment, no new
             # solve, and the warm-start prices stay as the forward left them (one update a step)
             expert_T = self._replay_expert_T.to(dev)
-        elif (self.training or self.eval_balanced) and not incremental:
+        elif self.training or self.eval_balanced:  # eval_balanced: incremental decoding refuses it
             warm = self.training and self.warm_start and self.last_prices_E.numel() == E
             result = solve_balanced(
                 scores_TE[idx_V], prices_E=self.last_prices_E if warm else None, eps_rel=self.eps_rel

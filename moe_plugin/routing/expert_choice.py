@@ -37,9 +37,10 @@ future (and on the other sequences of the batch). Training learns to use that. f
 own validation routes the same way (a training diagnostic, as for the oracle hash: its valid
 loss is not a causal LM's). Inference is refused: fairseq-eval-lm, fairseq-generate and the
 hub interface call ``model.prepare_for_inference_``, whose ``make_generation_fast_`` reaches
-this router and raises; incremental decoding raises too. ``--expert-choice-allow-future-leak``
+this router and raises. ``--expert-choice-allow-future-leak``
 (fairseq-eval-lm: ``--model-overrides "{'expert_choice_allow_future_leak': True}"``) allows
-both, knowingly. An evaluation factor of ``inf`` leaks nothing (every expert takes every token,
+it, knowingly. Generation (incremental decoding) is refused even then (:meth:`causal_refusal`):
+a step routes among the current tokens of the batch only, not what the full forward computes. An evaluation factor of ``inf`` leaks nothing (every expert takes every token,
 each token's output depends on itself only) and is allowed without the option.
 
 Expert parallelism: routing runs on each rank over that rank's tokens, so C is per rank's
@@ -71,10 +72,11 @@ logger = logging.getLogger(__name__)
 class ExpertChoiceOptions:
     expert_choice_allow_future_leak: bool = field(
         default=False,
-        metadata={"help": "expert_choice: allow inference (fairseq-eval-lm, generation, incremental decoding) "
+        metadata={"help": "expert_choice: allow full-forward inference (fairseq-eval-lm, the hub's score) "
                           "although each expert's choice of tokens looks at the whole batch, future tokens "
                           "included (fairseq-eval-lm: --model-overrides \"{'expert_choice_allow_future_leak': "
-                          "True}\"); default: refused (see docs/expert_choice.md)"},
+                          "True}\"); default: refused; generation (incremental decoding) is refused even with it "
+                          "(see docs/expert_choice.md)"},
     )
 
 
@@ -183,6 +185,12 @@ class ExpertChoiceRouter(LinearGateRouter):
         logger.warning("expert_choice (%s): --expert-choice-allow-future-leak: inference routes over the whole "
                        "batch, future tokens included; the scores are not a causal LM's", kwargs.get("name", "?"))
 
+    def causal_refusal(self) -> Optional[str]:
+        if not self.leaks_in_eval():
+            return None
+        return self._refusal("generation (incremental decoding: each step would route among the current tokens "
+                             "of the batch only), even with --expert-choice-allow-future-leak")
+
     # -- the forward ----------------------------------------------------------------------
     def forward(self, x_TD: torch.Tensor, *, tokens: Optional[TokenInfo] = None) -> RouterOutput:
         T, E = x_TD.shape[0], self.num_experts
@@ -190,9 +198,6 @@ class ExpertChoiceRouter(LinearGateRouter):
         if leaks and not self.allow_future_leak:
             if self.inference_only:
                 raise ValueError(self._refusal("the model was prepared for inference"))
-            if tokens is not None and tokens.incremental:
-                raise ValueError(self._refusal("incremental decoding (each step would route among the "
-                                               "current tokens of the batch only)"))
         if tokens is not None:
             valid_T = ~tokens.pad_mask_T
             num_valid = valid_T.sum()  # a tensor: C is computed on the device

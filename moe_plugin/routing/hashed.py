@@ -47,14 +47,16 @@ decoding route exactly as training did, whatever the global RNG or the files at 
 * ``clustered`` / ``dispersed``: table[x_t] read from ``--hash-table FILE`` written by
                 ``python -m moe_plugin.tools.hash_kmeans`` (k-means over the input embeddings of a
                 trained model; clustered: one cluster per expert; dispersed: every cluster
-                spread evenly over the experts). Once trained, the table lives in the
-                checkpoint: evaluating it does not need the file.
+                spread evenly over the experts). The file must exist when fairseq-train parses
+                its command line; it is read at the first forward (or save) of a model no
+                checkpoint has loaded, and a model built from a checkpoint never reads it:
+                the table lives in the checkpoint.
 * ``oracle``    random table[x_{t+1}], the *next* token: a cheating diagnostic the paper
                 reports. Allowed in fairseq-train (training and validation). Refused for
                 inference: fairseq-eval-lm, fairseq-generate/interactive and the hub
                 interface call ``model.prepare_for_inference_``, whose
-                ``make_generation_fast_`` reaches this router and raises; incremental
-                decoding (no next token exists) raises too. The last position of a training
+                ``make_generation_fast_`` reaches this router and raises; so does
+                incremental decoding (no next token exists: ``causal_refusal``). The last position of a training
                 block has no next token in the decoder input and is hashed as padding.
 
 MultiHash (``--hash-multi N``, Sec. 4 "MultiHash layers"; exact equations unverified, this
@@ -122,7 +124,9 @@ class HashOptions:
     )
     hash_table: str = field(
         default="",
-        metadata={"help": "hash_lm: table file for --hash-type clustered|dispersed (moe_plugin.tools.hash_kmeans)"},
+        # "path": a file the command line must name before training starts (checked at parse time)
+        metadata={"help": "hash_lm: table file for --hash-type clustered|dispersed (moe_plugin.tools.hash_kmeans)",
+                  "path": "write one with python -m moe_plugin.tools.hash_kmeans"},
     )
     hash_multi: int = field(
         default=1,
@@ -332,12 +336,10 @@ class HashRouter(Router):
             self.eos = vocab.eos
             table_VN = torch.empty(V, N, dtype=torch.long)
             if self.hash_type in FILE_TYPES:
+                # read at first use unless a checkpoint brings the table first (a model built
+                # from a checkpoint never reads the file): materialize
                 table_VN.zero_()
-                if os.path.exists(self.table_path):
-                    table_VN = self._checked_file_table(read_table_file(self.table_path), V)
-                else:
-                    # a checkpoint being loaded brings the table; otherwise forward() raises
-                    self._table_pending = True
+                self._table_pending = True
             elif self.hash_type == "balanced":
                 if vocab.counts_V is None:
                     raise ValueError(
@@ -424,10 +426,30 @@ class HashRouter(Router):
             + ", ".join(t for t in HASH_TYPES if t != "oracle")
         )
 
+    def causal_refusal(self) -> Optional[str]:
+        return self._oracle_refusal("generation (incremental decoding) has no next token") if self.hash_type == "oracle" else None
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         if prefix + "table_VN" in state_dict:
             self._table_pending = False
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self.materialize()  # a saved router carries its table
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def materialize(self) -> None:
+        """Read ``--hash-table`` into ``table_VN`` if no checkpoint has supplied the table yet."""
+        if not self._table_pending:
+            return
+        if not os.path.exists(self.table_path):
+            raise ValueError(
+                f"--hash-table: {self.table_path!r} does not exist, and no checkpoint supplied the "
+                f"{self.hash_type} table; write it with python -m moe_plugin.tools.hash_kmeans"
+            )
+        table_VN = self._checked_file_table(read_table_file(self.table_path), self.table_VN.shape[0])
+        self.table_VN.copy_(table_VN.to(self.table_VN.device))
+        self._table_pending = False
 
     # -- routing -------------------------------------------------------------------------
 
@@ -438,13 +460,9 @@ class HashRouter(Router):
         if t == "oracle":
             if self.inference_only:
                 raise ValueError(self._oracle_refusal("the model was prepared for inference"))
-            if tokens.incremental or tokens.next_ids_T is None:
+            if tokens.next_ids_T is None:
                 raise ValueError(self._oracle_refusal("incremental decoding has no next token"))
-        if self._table_pending:
-            raise ValueError(
-                f"--hash-table: {self.table_path!r} does not exist, and no checkpoint supplied the "
-                f"{t} table; write it with python -m moe_plugin.tools.hash_kmeans"
-            )
+        self.materialize()
         if t in ("random", "balanced", "clustered", "dispersed"):
             key_T = tokens.ids_T
             if self.balanced_eos_previous:

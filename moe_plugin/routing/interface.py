@@ -134,6 +134,17 @@ class Router(nn.Module):
     def forward(self, x_TD: torch.Tensor, *, tokens: Optional[TokenInfo] = None) -> RouterOutput:
         raise NotImplementedError
 
+    def causal_refusal(self) -> Optional[str]:
+        """Why this router, as configured, cannot decode token by token: one line naming the
+        option and what is allowed, or None. The MoE layer raises it at the first incremental
+        step (generation), since such a mode reads tokens after the one being routed and a
+        step would route differently from the full forward over the same text."""
+        return None
+
+    def materialize(self) -> None:
+        """Fill state this router reads lazily (a table file) before its model is saved; the
+        model's layout entry calls it before it records checksums. Default: nothing."""
+
     @staticmethod
     def validate(cfg) -> None:
         """Raise ValueError for options this router cannot honour (called at build time)."""
