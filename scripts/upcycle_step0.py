@@ -11,6 +11,7 @@ import sys
 import tempfile
 
 from moe_plugin.models.archs import ARCHS
+from moe_plugin.routing import ROUTER_REGISTRY
 from moe_plugin.tools import commands, upcycle
 
 REFUSED = ("base_lm",)  # no dense counterpart of its BASE block (docs/upcycling.md)
@@ -37,8 +38,11 @@ def main(argv=None) -> int:
     print("| arch | test loss at step 0 (bits/token) | minus dense_lm's |\n|---|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp:
         for arch in a.archs.split(","):
-            out = upcycle.upcycle(a.dense, arch, os.path.join(tmp, f"{arch}.pt"), ["--moe-expert-count", str(a.experts)],
-                                  data=a.data, log=lambda *_: None)
+            moe = ["--moe-expert-count", str(a.experts)]
+            if getattr(ROUTER_REGISTRY[ARCHS[arch][0]], "arch_schedule", "none") != "none":
+                moe += ["--moe-top-k-schedule-updates", "1"]  # a training K schedule; step 0 evaluates at eval K
+            out = upcycle.upcycle(a.dense, arch, os.path.join(tmp, f"{arch}.pt"), moe, data=a.data,
+                                  log=lambda *_: None)
             overrides = ["--model-overrides", "{'expert_choice_allow_future_leak': True}"] \
                 if ARCHS[arch][0] == "expert_choice" else []
             loss = eval_loss(a.data, out, extra + overrides)

@@ -67,6 +67,19 @@ def test_switch_layer_is_its_top1_probability_times_the_dense_ffn(dense, tmp_pat
         torch.testing.assert_close(layer(x), want, atol=1e-6, rtol=1e-5)
 
 
+def test_router_initialisation_follows_the_seed(dense, tmp_path):
+    """The router starts as a fresh build seeded by the dense run's --seed (or --seed): the same
+    file twice, another gate with another seed."""
+    ckpt, _ = dense
+    gates = []
+    for name, seed in (("a", None), ("b", None), ("c", 7)):
+        out = up.upcycle(ckpt, "switch_lm", str(tmp_path / f"{name}.pt"), ["--moe-expert-count", "4"], seed=seed,
+                         log=lambda *_: None)
+        ((_, layer),) = load(out).moe_layers()
+        gates.append(layer.router.gate.weight.detach())
+    assert torch.equal(gates[0], gates[1]) and not torch.equal(gates[0], gates[2])
+
+
 def test_noise_perturbs_each_expert_copy(dense, tmp_path):
     ckpt, _ = dense
     out = up.upcycle(ckpt, "hash_lm", str(tmp_path / "up.pt"), ["--moe-expert-count", "4"], noise=0.1,
@@ -94,6 +107,18 @@ def test_what_cannot_be_upcycled_is_refused_with_one_line(dense, tmp_path, arch,
         up.upcycle(ckpt, arch, str(tmp_path / "up.pt"), ["--moe-expert-count", "4", *extra], log=lambda *_: None)
     assert str(err.value).startswith(option + ":") and "\n" not in str(err.value), str(err.value)
     assert not os.path.exists(tmp_path / "up.pt")
+
+
+def test_a_dictionary_of_another_size_is_refused_naming_the_tensor(dense, tmp_path):
+    ckpt, data_bin = dense
+    other = tmp_path / "data-bin"
+    other.mkdir()
+    text = open(os.path.join(data_bin, "dict.txt")).read()
+    (other / "dict.txt").write_text(text + "extra1 1\nextra2 1\n")
+    with pytest.raises(up.UpcycleError, match=r"^--dense: decoder\.embed_tokens\.weight is \(\d+, 32\) in the dense "
+                                             r"checkpoint and \(\d+, 32\) in the switch model$"):
+        up.upcycle(ckpt, "switch_lm", str(tmp_path / "up.pt"), ["--moe-expert-count", "4"], data=str(other),
+                   log=lambda *_: None)
 
 
 def test_a_moe_checkpoint_is_refused(dense, tmp_path):

@@ -84,23 +84,23 @@ def build_plan(scale, args):
     start_ckpt = os.path.join(out, "dense_start", "checkpoints", "checkpoint_last.pt")
     ds = P.dataset_for(dataset, scale, args.data_root)
 
-    def updates(n):
+    def updates(n):  # after the plan's training flags: this run's own length
         return ["--max-update", str(n)]
 
     runs = [
-        P.Run("dense_start", f"Dense, {N} updates (the upcycling start)", P.DENSE_ARCH, dataset,
-              model + updates(N), meta=dict(router="dense", max_update=N, schedule=f"{N} + 0")),
-        P.Run("dense", f"Dense, {total} updates", P.DENSE_ARCH, dataset, model + updates(total),
-              meta=dict(router="dense", max_update=total, schedule=f"{total} + 0")),
+        P.Run("dense_start", f"Dense, {N} updates (the upcycling start)", P.DENSE_ARCH, dataset, model,
+              meta=dict(router="dense", max_update=N, schedule=f"{N} + 0"), extra_train_args=updates(N)),
+        P.Run("dense", f"Dense, {total} updates", P.DENSE_ARCH, dataset, model,
+              meta=dict(router="dense", max_update=total, schedule=f"{total} + 0"), extra_train_args=updates(total)),
     ]
     for arch, short, label in (("switch_lm", "switch", "Switch"), ("hash_lm", "hash", "Hash (balanced)")):
         runs.append(P.Run(f"{short}_scratch", f"{label} from scratch, {total} updates", arch, dataset,
-                          model + moe[arch] + updates(total),
-                          meta=dict(router=short, experts=E, max_update=total, schedule=f"0 + {total}")))
+                          model + moe[arch], meta=dict(router=short, experts=E, max_update=total,
+                                                       schedule=f"0 + {total}"), extra_train_args=updates(total)))
         upcycled = os.path.join(out, f"{short}_up", "upcycled.pt")
         run = P.Run(f"{short}_up", f"{label} upcycled from the dense start, {M} more updates", arch, dataset,
-                    model + moe[arch] + updates(M) + ["--finetune-from-model", upcycled],
-                    meta=dict(router=short, experts=E, max_update=M, schedule=f"{N} + {M}"))
+                    model + moe[arch], meta=dict(router=short, experts=E, max_update=M, schedule=f"{N} + {M}"),
+                    extra_train_args=updates(M) + ["--finetune-from-model", upcycled])
         run.pre.append(("upcycle", ["python", "-m", "moe_plugin.tools.upcycle", "--dense", start_ckpt, "--arch", arch,
                                     "--out", upcycled, "--data", ds.data_bin, *moe[arch]]))
         run.needs.append("dense_start")

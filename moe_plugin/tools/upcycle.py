@@ -1,6 +1,6 @@
 """Sparse upcycling: an MoE checkpoint started from a trained ``dense_lm`` checkpoint.
 
-    python -m moe_plugin.tools.upcycle --dense CKPT --arch ARCH --out CKPT [--data DIR]
+    python -m moe_plugin.tools.upcycle --dense CKPT --arch ARCH --out CKPT [--data DIR] [--seed S]
         [--noise STD] [--noise-seed S] [MoE options of ARCH, e.g. --moe-expert-count 8]
 
 Komatsuzaki et al. 2022, "Sparse Upcycling: Training Mixture-of-Experts from Dense
@@ -140,8 +140,10 @@ def upcycled_state(dense_sd: dict, model, noise: float = 0.0, noise_seed: int = 
 
 
 def upcycle(dense_path: str, arch: str, out_path: str, argv: List[str] = (), data: Optional[str] = None,
-            noise: float = 0.0, noise_seed: int = 0, log=print) -> str:
-    """Write the upcycled checkpoint of ``arch`` to ``out_path`` (module docstring); returns it."""
+            noise: float = 0.0, noise_seed: int = 0, seed: Optional[int] = None, log=print) -> str:
+    """Write the upcycled checkpoint of ``arch`` to ``out_path`` (module docstring); returns it.
+    ``seed``: the global torch seed the fresh build (the routers) draws from, as fairseq-train
+    seeds before it builds (default: the dense run's ``--seed``)."""
     from fairseq import checkpoint_utils, tasks
     from omegaconf import OmegaConf, open_dict
 
@@ -165,7 +167,11 @@ def upcycle(dense_path: str, arch: str, out_path: str, argv: List[str] = (), dat
         raise UpcycleError(f"--data: {cfg.task.data!r} ({where}) holds no dict.txt; allowed: the data-bin the dense "
                            "model was trained on")
     task = tasks.setup_task(cfg.task)
-    model = task.build_model(cfg.model)  # the arch function fills the unset MoE options
+    torch.manual_seed(int(cfg.common.seed if seed is None else seed))
+    try:
+        model = task.build_model(cfg.model)  # the arch function fills the unset MoE options
+    except ValueError as e:  # an option the build refuses (one line naming it)
+        raise UpcycleError(str(e)) from None
     # copied in place: the layout entry (_extra_state) of the saved state_dict then records the
     # checksums of the copied tensors
     live = model.state_dict(keep_vars=True)
@@ -206,11 +212,12 @@ def main(argv=None) -> int:
     ap.add_argument("--data", help="the data-bin whose dictionary the model uses (default: the dense run's)")
     ap.add_argument("--noise", type=float, default=0.0, help="multiplicative noise std of the expert copies (0: off)")
     ap.add_argument("--noise-seed", type=int, default=0, help="seed of the noise")
+    ap.add_argument("--seed", type=int, help="seed of the routers' fresh initialisation (default: the dense run's --seed)")
     args, moe_argv = ap.parse_known_args(argv)
     logging.disable(logging.INFO)
     try:
         upcycle(args.dense, args.arch, args.out, moe_argv, data=args.data, noise=args.noise,
-                noise_seed=args.noise_seed)
+                noise_seed=args.noise_seed, seed=args.seed)
     except UpcycleError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
