@@ -40,8 +40,9 @@ hub interface call ``model.prepare_for_inference_``, whose ``make_generation_fas
 this router and raises. ``--expert-choice-allow-future-leak``
 (fairseq-eval-lm: ``--model-overrides "{'expert_choice_allow_future_leak': True}"``) allows
 it, knowingly. Generation (incremental decoding) is refused even then (:meth:`causal_refusal`):
-a step routes among the current tokens of the batch only, not what the full forward computes. An evaluation factor of ``inf`` leaks nothing (every expert takes every token,
-each token's output depends on itself only) and is allowed without the option.
+a step routes among the current tokens of the batch only, not what the full forward computes.
+An evaluation factor of ``inf`` leaks nothing (every expert takes every token, each token's
+output depends on itself only) and is allowed without the option.
 
 Expert parallelism: routing runs on each rank over that rank's tokens, so C is per rank's
 batch (as in every implementation: the paper routes per group of tokens).

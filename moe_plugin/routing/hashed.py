@@ -56,8 +56,9 @@ decoding route exactly as training did, whatever the global RNG or the files at 
                 inference: fairseq-eval-lm, fairseq-generate/interactive and the hub
                 interface call ``model.prepare_for_inference_``, whose
                 ``make_generation_fast_`` reaches this router and raises; so does
-                incremental decoding (no next token exists: ``causal_refusal``). The last position of a training
-                block has no next token in the decoder input and is hashed as padding.
+                incremental decoding (no next token exists: ``causal_refusal``). The last
+                position of a training block has no next token in the decoder input and is
+                hashed as padding.
 
 MultiHash (``--hash-multi N``, Sec. 4 "MultiHash layers"; exact equations unverified, this
 is the choice made here). Expert e has W1_e (D x F), b1_e (F), W2_e (F x D), b2_e (D). Split
@@ -427,7 +428,9 @@ class HashRouter(Router):
         )
 
     def causal_refusal(self) -> Optional[str]:
-        return self._oracle_refusal("generation (incremental decoding) has no next token") if self.hash_type == "oracle" else None
+        if self.hash_type != "oracle":
+            return None
+        return self._oracle_refusal("generation (incremental decoding) has no next token")
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         if prefix + "table_VN" in state_dict:

@@ -96,12 +96,8 @@ def moe_model_config(dense_cfg, arch: str, argv: List[str]):
 def upcycled_state(dense_sd: dict, model, noise: float = 0.0, noise_seed: int = 0) -> dict:
     """The MoE model's tensors from the dense ones (module docstring), but those a fresh build
     makes (routers, the layout entry)."""
-    moe_sd = model.state_dict()
-    used = set()
-    experts = {}  # decoder layer index -> MoE layer
-    for i, layer in model.moe_layers():
-        experts[i] = layer
-    out = {}
+    moe_sd = model.state_dict(keep_vars=True)
+    used, out = set(), {}
     for key, fresh in moe_sd.items():
         if any(s in key for s in FRESH):
             used.add(key)
@@ -109,9 +105,9 @@ def upcycled_state(dense_sd: dict, model, noise: float = 0.0, noise_seed: int = 
             if dense_sd[key].shape != fresh.shape:
                 raise UpcycleError(f"--dense: {key} is {tuple(dense_sd[key].shape)} in the dense checkpoint and "
                                    f"{tuple(fresh.shape)} in the {model.decoder.moe_cfg.moe_router} model")
-            out[key] = dense_sd[key].clone()
+            out[key] = dense_sd[key]
             used.add(key)
-    for i, layer in experts.items():
+    for i, layer in model.moe_layers():
         bank = layer.experts
         prefix = f"decoder.layers.{i}."
         w1, b1, w2, b2 = (dense_sd[prefix + k] for k in DENSE_FFN)  # (F, D), (F,), (D, F), (D,)
@@ -121,8 +117,8 @@ def upcycled_state(dense_sd: dict, model, noise: float = 0.0, noise_seed: int = 
         E = bank.w1_EDF.shape[0]
         g = torch.Generator().manual_seed(noise_seed + 1000003 * i)
 
-        def copies(t):
-            t = t.unsqueeze(0).repeat(E, *([1] * t.dim())).clone()
+        def copies(t):  # (E, ...) copies of t, each with its own noise
+            t = t.unsqueeze(0).repeat(E, *([1] * t.dim()))
             return t * (1 + noise * torch.randn(t.shape, generator=g, dtype=t.dtype)) if noise > 0 else t
 
         bp = prefix + "fc1.experts."
